@@ -1,0 +1,857 @@
+"""CLIP: contrastive language-image pre-training (Radford et al. 2021, arXiv:2103.00020).
+
+An image tower and a text tower map a batch of N (image, caption) pairs to unit vectors
+I = normalize(W_i f(x)) and T = normalize(W_t g(t)); with a learnable scale s = exp(t), t clamped so s <= 100,
+    L = 1/2 [ CE(s I T^T, y) + CE(s T I^T, y) ],   y_i = i          (symmetric InfoNCE)
+Under DDP every rank scores its own rows against the columns gathered from all ranks, with a gather that
+passes gradients back to their owners, so the gradient equals one process holding the global batch.
+
+Launch:
+  python clip.py                                                    # CPU: tiny model on synthetic data
+  python clip.py --model ViT-B/16 --data /data/cc3m/{00000..00331}.tar --epochs 32 --batch-size 256   # 1 GPU
+  torchrun --standalone --nproc_per_node=8 clip.py --model ViT-B/16 --data /data/cc3m/{00000..00331}.tar \
+      --epochs 32 --batch-size 256 --lr 5e-4 --wd 0.5 --warmup 2000   # 8 GPUs, global batch 2048
+
+Reference result: `python clip.py` on a 2-core CPU (no GPU): see README.md "Results".
+"""
+
+import argparse
+import copy
+import json
+import math
+import os
+import platform
+import resource
+import signal
+import sys
+import time
+from contextlib import nullcontext
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel as DDP
+from torch.utils.checkpoint import checkpoint
+
+import augment
+import data
+import eval_zeroshot
+import ssl_losses
+
+METHOD = "clip"
+
+# ---------------------------------------------------------------------------------------------------
+# Config
+
+
+# --- shared: config ---
+def common_args(parser):
+    """The flags every method file has, with the same defaults."""
+    g = parser.add_argument_group("data")
+    g.add_argument("--data", default="synthetic",
+                   help="'synthetic' (drawn shapes, the default), a .csv/.tsv of image paths and captions, or tar "
+                        "shards in img2dataset layout such as '/data/cc3m/{00000..00331}.tar'")
+    g.add_argument("--csv-img-key", default="filepath", help="CSV column holding image paths (relative to the file)")
+    g.add_argument("--csv-caption-key", default="caption", help="CSV column holding captions")
+    g.add_argument("--csv-separator", default=None, help="CSV separator (default: tab for .tsv, comma otherwise)")
+    g.add_argument("--train-num-samples", type=int, default=None,
+                   help="tar shards: samples per epoch (default: counted from the tar headers at start)")
+    g.add_argument("--workers", type=int, default=None,
+                   help="data loader processes per rank (default: CPUs per rank - 1, at most 8). Raise it if the "
+                        "logged data_time is more than a few percent of the step time")
+
+    g = parser.add_argument_group("model")
+    g.add_argument("--model", default="tiny", choices=list(PRESETS),
+                   help="tower sizes: 'tiny' trains on a laptop CPU in minutes; the ViT presets use CLIP's "
+                        "12-layer text tower (width 768 for ViT-L/14) at 224 px")
+    g.add_argument("--grad-checkpointing", action="store_true",
+                   help="recompute each block's activations in the backward pass: ~1/3 more compute, much less "
+                        "memory; use it when a larger per-GPU batch matters more than speed")
+
+    g = parser.add_argument_group("optimisation")
+    g.add_argument("--batch-size", type=int, default=256,
+                   help="per process; the contrastive batch is batch-size x world size. Larger batches give more "
+                        "negatives, which helps contrastive losses; scale --lr with it")
+    g.add_argument("--steps", type=int, default=None,
+                   help="optimizer steps (default: --epochs x steps per epoch, or 600 if neither is given)")
+    g.add_argument("--epochs", type=float, default=None, help="passes over the data (sets --steps when that is unset)")
+    g.add_argument("--lr", type=float, default=3e-3,
+                   help="peak learning rate. SLIP and Fini et al. use 3e-3 at batch 4096 (ViT-B/16); CLIP used 5e-4 at "
+                        "batch 32k. Lower it if the loss spikes or turns non-finite")
+    g.add_argument("--wd", type=float, default=0.1,
+                   help="AdamW weight decay on matrices and embeddings (not on gains, biases, temperatures). "
+                        "0.1-0.2 is usual; small data sets like CC3M prefer 0.5")
+    g.add_argument("--betas", type=float, nargs=2, default=(0.9, 0.98),
+                   help="AdamW betas; CLIP's beta2 0.98 is steadier than 0.999 at large batch")
+    g.add_argument("--warmup", type=int, default=100,
+                   help="linear warm-up steps before the cosine decay; about 1 epoch, or 2k-10k steps at scale")
+    g.add_argument("--grad-clip", type=float, default=0.0, help="clip the global gradient norm to this (0: off)")
+    g.add_argument("--max-bad-steps", type=int, default=20,
+                   help="a step whose loss or gradient is not finite is skipped; this many in a row stop the run "
+                        "with a checkpoint of the last good state")
+
+    g = parser.add_argument_group("system")
+    g.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: cuda if available)")
+    g.add_argument("--precision", default=None, choices=["bf16", "fp16", "fp32"],
+                   help="autocast dtype (default: bf16 on GPUs that support it, fp16 on older GPUs, fp32 on CPU); "
+                        "fp16 uses a dynamic loss scale")
+    g.add_argument("--compile", action="store_true",
+                   help="torch.compile the model: slower start (a minute or more), faster steps")
+    g.add_argument("--seed", type=int, default=0, help="seeds initialisation, data order and augmentations")
+    g.add_argument("--peak-tflops", type=float, default=None,
+                   help="the accelerator's dense peak for the MFU column (default: looked up for known GPUs)")
+
+    g = parser.add_argument_group("run")
+    g.add_argument("--out-dir", default=f"runs/{METHOD}", help="where ckpt.pt, log.jsonl and run.json go")
+    g.add_argument("--resume", default=None,
+                   help="'auto': continue from OUT_DIR/ckpt.pt if it exists; or the path of a checkpoint")
+    g.add_argument("--save-every", type=int, default=500, help="steps between checkpoints (and one at the end)")
+    g.add_argument("--log-every", type=int, default=50, help="steps between log lines")
+    g.add_argument("--eval-every", type=int, default=0, help="steps between zero-shot evaluations (0: only at the end)")
+    g.add_argument("--eval-dataset", default="synthetic", choices=["synthetic", "none"],
+                   help="zero-shot evaluation set: the held-out synthetic split, or none")
+    g.add_argument("--eval-samples", type=int, default=2048, help="held-out synthetic images to evaluate on")
+    return parser
+# --- end shared: config ---
+
+
+RECIPES = {  # --recipe presets (Fini et al. 2023, official code); a component flag given explicitly wins
+    "basic": dict(strong_views=0, weak_crop_scale=0.9, strong_image_augment=False, text_augment=False,
+                  mlp_projector=False, label_smoothing=0.0, text_dropout=0.0),
+    "improved": dict(strong_views=2, weak_crop_scale=0.5, strong_image_augment=True, text_augment=True,
+                     mlp_projector=True, label_smoothing=0.1, text_dropout=0.2),
+}
+SSL_WEIGHTS = {"simclr": 1.0, "simsiam": 1.0, "byol": 1.0, "barlow": 0.025, "vicreg": 0.04, "swav": 0.2}
+
+
+def method_args(parser):
+    g = parser.add_argument_group("improved recipe (Fini et al. 2023): --recipe sets every flag of this group "
+                                  "that is not given explicitly")
+    g.add_argument("--recipe", default="basic", choices=list(RECIPES),
+                   help="basic: CLIP of Radford et al. 2021; improved: 'CLIP rocket', all components below on")
+    g.add_argument("--strong-views", type=int, default=None,
+                   help="A: strong (image, text) views per sample besides the weak pair; 0 is plain CLIP (improved: 2). "
+                        "Each view costs one more image and one more text forward")
+    g.add_argument("--weak-crop-scale", type=float, default=None,
+                   help="smallest crop area of the weak image view (basic 0.9, as OpenCLIP; improved 0.5, as SLIP)")
+    g.add_argument("--strong-image-augment", action=argparse.BooleanOptionalAction, default=None,
+                   help="strong image views are SimCLR-style (crop 0.08-1, colour jitter, grayscale, blur, flip) "
+                        "rather than more weak crops")
+    g.add_argument("--text-augment", action=argparse.BooleanOptionalAction, default=None,
+                   help="stop-word removal (p 0.8) on every caption view, and one EDA op (swap or deletion) on "
+                        "strong caption views")
+    g.add_argument("--mlp-projector", action=argparse.BooleanOptionalAction, default=None,
+                   help="strong pairs go through their own MLP projector (Linear-BN-ReLU twice, Linear) with their own "
+                        "temperature; off: through the linear projectors with the main temperature")
+    g.add_argument("--mlp-hidden", type=int, default=None, help="hidden width of the MLP projector (default 4096; 256 for tiny)")
+    g.add_argument("--label-smoothing", type=float, default=None,
+                   help="label smoothing of the strong-pair InfoNCE terms (improved: 0.1); the weak pair has none")
+    g.add_argument("--text-dropout", type=float, default=None,
+                   help="dropout on the text tower's residual stream, strong caption views only (the paper: 0.2 on "
+                        "CC3M, 0.05 on CC12M, 0 on larger data)")
+    g.add_argument("--mix-weight", type=float, default=0.5,
+                   help="evaluation: the 'mix' head scores w * s_linear + (1 - w) * s_mlp")
+
+    g = parser.add_argument_group("CLIP + SSL baselines (SLIP, Mu et al. 2021; Fini et al. 2023)")
+    g.add_argument("--ssl", default="none", choices=["none"] + list(SSL_WEIGHTS),
+                   help="add a self-supervised loss: simclr on two extra SimCLR image views (SLIP); simsiam, byol, "
+                        "barlow, vicreg, swav between the image and the text embedding (SiamLIP, BYOLIP, BarLIP, "
+                        "VICReg, SwAV-style)")
+    g.add_argument("--ssl-weight", type=float, default=None,
+                   help="weight of the SSL term (default: simclr/simsiam/byol 1, barlow 0.025, vicreg 0.04, swav 0.2)")
+    g.add_argument("--ema", type=float, default=0.99, help="byol: momentum of the EMA teacher (BYOLIP: 0.99)")
+
+
+def resolve_method_args(args, parser):
+    """Fill the recipe's values into the flags not given, and refuse combinations that mean nothing."""
+    explicit = {k for k in RECIPES["basic"] if getattr(args, k) is not None}
+    for key, value in RECIPES[args.recipe].items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    if args.mlp_hidden is None:
+        args.mlp_hidden = 256 if args.model == "tiny" else 4096
+    if args.ssl == "swav" and args.label_smoothing > 0:
+        if "label_smoothing" in explicit:  # Fini et al. run SwALIP without label smoothing
+            parser.error("--ssl swav runs without label smoothing (as SwALIP); drop --label-smoothing")
+        args.label_smoothing = 0.0
+    if args.ssl_weight is None:
+        args.ssl_weight = SSL_WEIGHTS.get(args.ssl, 0.0)
+    strong_only = {"strong_image_augment", "mlp_projector", "label_smoothing", "text_dropout"}
+    if args.strong_views == 0 and any(getattr(args, k) for k in strong_only & explicit):
+        parser.error(f"--{'/--'.join(sorted(k.replace('_', '-') for k in strong_only & explicit))} act on strong views: "
+                     f"set --strong-views > 0 (or --recipe improved)")
+    if args.strong_views < 0 or not 0 < args.weak_crop_scale <= 1 or not 0 <= args.text_dropout < 1:
+        parser.error("--strong-views must be >= 0, --weak-crop-scale in (0, 1], --text-dropout in [0, 1)")
+    return args
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    common_args(parser)
+    method_args(parser)
+    return resolve_method_args(parser.parse_args(argv), parser)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Model
+
+
+# --- shared: towers ---
+PRESETS = {  # image tower (ViT) and text tower (causal Transformer) sizes, and the joint embedding width
+    "tiny": dict(image_size=32, patch_size=8, vision_width=64, vision_layers=4, vision_heads=2,
+                 context_length=20, text_width=64, text_layers=4, text_heads=2, embed_dim=64),
+    "ViT-S/16": dict(image_size=224, patch_size=16, vision_width=384, vision_layers=12, vision_heads=6,
+                     context_length=77, text_width=512, text_layers=12, text_heads=8, embed_dim=512),
+    "ViT-B/32": dict(image_size=224, patch_size=32, vision_width=768, vision_layers=12, vision_heads=12,
+                     context_length=77, text_width=512, text_layers=12, text_heads=8, embed_dim=512),
+    "ViT-B/16": dict(image_size=224, patch_size=16, vision_width=768, vision_layers=12, vision_heads=12,
+                     context_length=77, text_width=512, text_layers=12, text_heads=8, embed_dim=512),
+    "ViT-L/14": dict(image_size=224, patch_size=14, vision_width=1024, vision_layers=24, vision_heads=16,
+                     context_length=77, text_width=768, text_layers=12, text_heads=12, embed_dim=768),
+}
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention through F.scaled_dot_product_attention (flash / memory-efficient kernels
+    on GPU), with q, k and v from one fused projection."""
+
+    def __init__(self, width, heads, causal):
+        super().__init__()
+        self.heads, self.causal = heads, causal
+        self.qkv = nn.Linear(width, 3 * width)
+        self.out = nn.Linear(width, width)
+
+    def forward(self, x):  # x [B, N, C]
+        B, N, C = x.shape
+        q, k, v = self.qkv(x).view(B, N, 3, self.heads, C // self.heads).permute(2, 0, 3, 1, 4)  # 3 x [B, h, N, C/h]
+        x = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal)  # [B, h, N, C/h]
+        return self.out(x.transpose(1, 2).reshape(B, N, C))  # [B, N, C]
+
+
+class Block(nn.Module):
+    """Pre-LN Transformer block: x + attn(LN(x)), then x + MLP(LN(x))."""
+
+    def __init__(self, width, heads, causal):
+        super().__init__()
+        self.ln_1, self.ln_2 = nn.LayerNorm(width), nn.LayerNorm(width)
+        self.attn = Attention(width, heads, causal)
+        self.mlp = nn.Sequential(nn.Linear(width, 4 * width), nn.GELU(), nn.Linear(4 * width, width))
+
+    def forward(self, x):  # [B, N, C]
+        x = x + self.attn(self.ln_1(x))  # [B, N, C]
+        return x + self.mlp(self.ln_2(x))  # [B, N, C]
+
+
+class Transformer(nn.Module):
+    def __init__(self, width, layers, heads, causal=False):
+        super().__init__()
+        self.blocks = nn.ModuleList(Block(width, heads, causal) for _ in range(layers))
+        self.grad_checkpointing = False
+        for block in self.blocks:  # CLIP's initialisation (Radford et al. 2021, released code)
+            nn.init.normal_(block.attn.qkv.weight, std=width**-0.5)
+            nn.init.normal_(block.attn.out.weight, std=width**-0.5 * (2 * layers) ** -0.5)
+            nn.init.normal_(block.mlp[0].weight, std=(2 * width) ** -0.5)
+            nn.init.normal_(block.mlp[2].weight, std=width**-0.5 * (2 * layers) ** -0.5)
+            for linear in (block.attn.qkv, block.attn.out, block.mlp[0], block.mlp[2]):
+                nn.init.zeros_(linear.bias)
+
+    def forward(self, x, dropout=0.0):  # x [B, N, C]
+        for block in self.blocks:
+            if dropout > 0:  # dropout on the residual stream before each block (Fini et al. 2023's text dropout)
+                x = F.dropout(x, dropout, training=True)
+            x = checkpoint(block, x, use_reentrant=False) if self.grad_checkpointing and self.training else block(x)
+        return x
+
+
+class VisionTower(nn.Module):
+    """ViT as in CLIP: patch embedding, class token, LN, pre-LN blocks, LN on the class token -> [B, width]."""
+
+    def __init__(self, image_size, patch_size, width, layers, heads):
+        super().__init__()
+        self.image_size, self.patch_size, self.width, self.layers = image_size, patch_size, width, layers
+        self.patch_embed = nn.Conv2d(3, width, patch_size, stride=patch_size, bias=False)
+        self.class_embedding = nn.Parameter(width**-0.5 * torch.randn(width))
+        self.positional_embedding = nn.Parameter(width**-0.5 * torch.randn((image_size // patch_size) ** 2 + 1, width))
+        self.ln_pre, self.ln_post = nn.LayerNorm(width), nn.LayerNorm(width)
+        self.transformer = Transformer(width, layers, heads)
+
+    def forward(self, images):  # uint8 [B, 3, H, W] (normalised here) or float, already normalised
+        x = augment.normalize(images) if images.dtype == torch.uint8 else images  # [B, 3, H, W]
+        x = self.patch_embed(x).flatten(2).transpose(1, 2)  # [B, P, C]
+        cls = self.class_embedding.to(x.dtype).expand(len(x), 1, -1)  # [B, 1, C]
+        x = torch.cat([cls, x], dim=1) + self.positional_embedding.to(x.dtype)  # [B, P + 1, C]
+        x = self.transformer(self.ln_pre(x))  # [B, P + 1, C]
+        return self.ln_post(x[:, 0])  # [B, C]
+
+    def flops(self):
+        """Forward FLOPs per image (2 per multiply-add), counting matmuls and attention."""
+        patches = (self.image_size // self.patch_size) ** 2
+        return 2 * patches * 3 * self.patch_size**2 * self.width + transformer_flops(patches + 1, self.width, self.layers)
+
+
+class TextTower(nn.Module):
+    """Causal Transformer as in CLIP: token + position embeddings, pre-LN blocks, LN, features at the
+    end-of-text token -> [B, width]."""
+
+    def __init__(self, vocab_size, context_length, width, layers, heads):
+        super().__init__()
+        self.context_length, self.width, self.layers = context_length, width, layers
+        self.token_embedding = nn.Embedding(vocab_size, width)
+        self.positional_embedding = nn.Parameter(torch.empty(context_length, width))
+        nn.init.normal_(self.token_embedding.weight, std=0.02)
+        nn.init.normal_(self.positional_embedding, std=0.01)
+        self.transformer = Transformer(width, layers, heads, causal=True)
+        self.ln_final = nn.LayerNorm(width)
+
+    def forward(self, tokens, dropout=0.0):  # tokens [B, L]
+        x = self.token_embedding(tokens) + self.positional_embedding[: tokens.shape[1]]  # [B, L, C]
+        x = self.transformer(x, dropout)  # [B, L, C]
+        eot = (tokens == data.EOT_TOKEN).int().argmax(dim=1)  # [B] position of the first end-of-text token
+        return self.ln_final(x[torch.arange(len(x), device=x.device), eot])  # [B, C]
+
+    def flops(self):
+        return transformer_flops(self.context_length, self.width, self.layers)
+
+
+def transformer_flops(tokens, width, layers):
+    """Forward FLOPs of `layers` blocks on `tokens` tokens: 24 N C^2 in the qkv, output and MLP matmuls,
+    4 N^2 C in the two attention products."""
+    return layers * (24 * tokens * width**2 + 4 * tokens**2 * width)
+# --- end shared: towers ---
+
+
+class BatchNorm(nn.BatchNorm1d):
+    """BatchNorm1d whose training statistics are those of the global batch: the sums go through an
+    autograd-aware all-reduce, so 2 ranks on halves compute exactly what 1 process computes on the whole
+    batch, on gloo (CPU) and NCCL alike. (torch.nn.SyncBatchNorm does the same on GPUs only.)"""
+
+    def forward(self, x):  # [b, C]
+        if not self.training:
+            return super().forward(x)  # running statistics
+        x = x.float()
+        n = x.shape[0] * get_world_size()
+        mean = ssl_losses.all_reduce_with_grad(x.sum(0)) / n  # [C]
+        var = ssl_losses.all_reduce_with_grad(((x - mean) ** 2).sum(0)) / n  # [C], biased, as BatchNorm1d
+        with torch.no_grad():
+            self.running_mean.lerp_(mean, self.momentum)
+            self.running_var.lerp_(var * n / max(1, n - 1), self.momentum)
+            self.num_batches_tracked += 1
+        x = (x - mean) / torch.sqrt(var + self.eps)  # [b, C]
+        return x * self.weight + self.bias if self.affine else x
+
+
+def mlp(dims, last_bn=False, last_affine=True):
+    """Linear-BN-ReLU for every hidden width, then a Linear (and a BatchNorm if last_bn): the projectors
+    and predictors of SimCLR, SimSiam, Barlow Twins and the strong branch of Fini et al."""
+    layers = []
+    for d_in, d_out in zip(dims[:-2], dims[1:-1]):
+        layers += [nn.Linear(d_in, d_out, bias=False), BatchNorm(d_out), nn.ReLU()]
+    layers.append(nn.Linear(dims[-2], dims[-1], bias=not last_bn))
+    if last_bn:
+        layers.append(BatchNorm(dims[-1], affine=last_affine))
+    return nn.Sequential(*layers)
+
+
+def per_view(head, features):
+    """Apply a head to each view separately (its BatchNorm sees one view at a time): [B, V, C] -> [B, V, d]."""
+    return torch.stack([head(features[:, v]) for v in range(features.shape[1])], dim=1)
+
+
+# SSL heads: (hidden, output) widths from the papers (SLIP; SiamLIP/BYOLIP; BarLIP; VICReg; SwALIP), and
+# narrower ones for the tiny preset. swav: output width, then the number of prototypes.
+SSL_HEADS = {"simclr": (4096, 256), "simsiam": (2048, 128), "byol": (2048, 128), "barlow": (3000, 8192),
+             "vicreg": (3000, 8192), "swav": (2048, 128, 3000)}
+SSL_HEADS_TINY = {"simclr": (256, 64), "simsiam": (256, 64), "byol": (256, 64), "barlow": (256, 256),
+                  "vicreg": (256, 256), "swav": (256, 64, 256)}
+
+
+class CLIP(nn.Module):
+    """Two towers, a linear projection each and the learnable temperature t (scale s = exp(t)).
+    Improved recipe: strong_views A > 0 adds A strong (image, text) views per sample, optionally through
+    an MLP projector per modality with its own temperature, and dropout in the text tower for them.
+    ssl != 'none' adds the heads of that SSL loss (and for byol an EMA teacher, updated in after_step)."""
+
+    def __init__(self, model="tiny", vocab_size=data.VOCAB_SIZE, strong_views=0, mlp_projector=False,
+                 mlp_hidden=4096, text_dropout=0.0, mix_weight=0.5, ssl="none", ema=0.99):
+        super().__init__()
+        cfg = PRESETS[model]
+        vw, tw, D = cfg["vision_width"], cfg["text_width"], cfg["embed_dim"]
+        self.strong_views, self.text_dropout, self.mix_weight, self.ssl, self.ema = strong_views, text_dropout, mix_weight, ssl, ema
+        self.visual = VisionTower(cfg["image_size"], cfg["patch_size"], vw, cfg["vision_layers"], cfg["vision_heads"])
+        self.text = TextTower(vocab_size, cfg["context_length"], tw, cfg["text_layers"], cfg["text_heads"])
+        self.image_projection = nn.Linear(vw, D, bias=False)
+        self.text_projection = nn.Linear(tw, D, bias=False)
+        nn.init.normal_(self.image_projection.weight, std=vw**-0.5)
+        nn.init.normal_(self.text_projection.weight, std=tw**-0.5)
+        self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))  # t; s = exp(t) starts at 1/0.07
+        self.has_mlp = strong_views > 0 and mlp_projector
+        if self.has_mlp:  # Fini et al.: strong pairs get their own projector and temperature (init 1/0.1)
+            self.image_mlp = mlp([vw, mlp_hidden, mlp_hidden, D])
+            self.text_mlp = mlp([tw, mlp_hidden, mlp_hidden, D])
+            self.mlp_logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.1)))
+        if ssl != "none":
+            hidden, out, *prototypes = (SSL_HEADS_TINY if model == "tiny" else SSL_HEADS)[ssl]
+            if ssl == "simclr":  # SLIP: an MLP on two extra image views
+                self.ssl_image = mlp([vw, hidden, hidden, out])
+            elif ssl in ("simsiam", "byol"):  # SiamLIP: projectors ending in BN, and cross-modal predictors
+                self.ssl_image = mlp([vw, hidden, out], last_bn=True, last_affine=False)
+                self.ssl_text = mlp([tw, hidden, out], last_bn=True, last_affine=False)
+                self.predict_text = mlp([out, hidden, out])  # from the image embedding, predicts the text target
+                self.predict_image = mlp([out, hidden, out])
+            elif ssl == "swav":  # SwAV-style: a projector per modality, unit-norm prototypes shared by both
+                self.ssl_image, self.ssl_text = mlp([vw, hidden, out]), mlp([tw, hidden, out])
+                self.prototypes = nn.Parameter(torch.randn(prototypes[0], out) * out**-0.5)  # [K, out]
+            else:  # barlow (BarLIP: 3 layers, BN last), vicreg
+                self.ssl_image = mlp([vw, hidden, hidden, out], last_bn=ssl == "barlow")
+                self.ssl_text = mlp([tw, hidden, hidden, out], last_bn=ssl == "barlow")
+            if ssl == "byol":  # BYOLIP: the targets come from an EMA copy of towers and projectors
+                self.teacher = nn.ModuleDict({k: copy.deepcopy(getattr(self, k)) for k in self.ema_parts()})
+                self.teacher.requires_grad_(False)
+
+    def ema_parts(self):
+        return ("visual", "text", "ssl_image", "ssl_text")
+
+    def encode_image(self, images):  # [B, 3, H, W] -> [B, D], unit norm
+        return F.normalize(self.image_projection(self.visual(images)), dim=-1)
+
+    def encode_text(self, tokens):  # [B, L] -> [B, D], unit norm
+        return F.normalize(self.text_projection(self.text(tokens)), dim=-1)
+
+    def forward(self, images, tokens):
+        """images [B, V, 3, H, W]: the weak view, A strong views, then (ssl simclr) two SimCLR views;
+        tokens [B, 1 + A, L]: the caption's weak view, then A strong views. -> dict of embeddings."""
+        B, A = len(images), self.strong_views
+        f_image = self.visual(images.flatten(0, 1)).unflatten(0, (B, images.shape[1]))  # [B, V, Cv]
+        f_text = self.text(tokens[:, 0])[:, None]  # [B, 1, Ct], no dropout on the weak view
+        if A > 0:
+            f_strong = self.text(tokens[:, 1:].flatten(0, 1), dropout=self.text_dropout).unflatten(0, (B, A))  # [B, A, Ct]
+            f_text = torch.cat([f_text, f_strong], dim=1)  # [B, 1 + A, Ct]
+        out = {"image": F.normalize(self.image_projection(f_image[:, 0]), dim=-1),  # [B, D]
+               "text": F.normalize(self.text_projection(f_text[:, 0]), dim=-1),  # [B, D]
+               "logit_scale": self.logit_scale.exp()}
+        if A > 0:
+            heads = (self.image_mlp, self.text_mlp) if self.has_mlp else (self.image_projection, self.text_projection)
+            out["strong_image"] = F.normalize(per_view(heads[0], f_image[:, 1 : 1 + A]), dim=-1)  # [B, A, D]
+            out["strong_text"] = F.normalize(per_view(heads[1], f_text[:, 1:]), dim=-1)  # [B, A, D]
+            out["strong_logit_scale"] = (self.mlp_logit_scale if self.has_mlp else self.logit_scale).exp()
+        if self.ssl == "simclr":
+            out["ssl_z1"], out["ssl_z2"] = self.ssl_image(f_image[:, -2]), self.ssl_image(f_image[:, -1])  # [B, d]
+        elif self.ssl != "none":
+            out["ssl_image"] = per_view(self.ssl_image, f_image[:, : 1 + A])  # [B, 1 + A, d]
+            out["ssl_text"] = per_view(self.ssl_text, f_text)  # [B, 1 + A, d]
+            if self.ssl == "swav":
+                prototypes = F.normalize(self.prototypes, dim=-1)  # [K, d]
+                out["ssl_image"] = F.normalize(out["ssl_image"], dim=-1) @ prototypes.t()  # [B, 1 + A, K]
+                out["ssl_text"] = F.normalize(out["ssl_text"], dim=-1) @ prototypes.t()  # [B, 1 + A, K]
+            if self.ssl in ("simsiam", "byol"):
+                out["ssl_image_pred"] = per_view(self.predict_text, out["ssl_image"])  # [B, 1 + A, d]
+                out["ssl_text_pred"] = per_view(self.predict_image, out["ssl_text"])  # [B, 1 + A, d]
+            if self.ssl == "byol":
+                with torch.no_grad():
+                    t = self.teacher
+                    t_image = t["visual"](images[:, : 1 + A].flatten(0, 1)).unflatten(0, (B, 1 + A))  # [B, 1 + A, Cv]
+                    t_text = t["text"](tokens.flatten(0, 1)).unflatten(0, (B, 1 + A))  # [B, 1 + A, Ct]
+                    out["ssl_image"], out["ssl_text"] = per_view(t["ssl_image"], t_image), per_view(t["ssl_text"], t_text)
+        return out
+
+    def after_step(self):
+        """After each optimizer step: clamp the temperatures (not in the forward, which would cut their
+        gradient at the bound) and move the EMA teacher towards the student."""
+        with torch.no_grad():
+            self.logit_scale.clamp_(0, math.log(100))
+            if self.has_mlp:
+                self.mlp_logit_scale.clamp_(0, math.log(100))
+            if self.ssl == "byol":
+                for part in self.ema_parts():
+                    for teacher, student in zip(self.teacher[part].parameters(), getattr(self, part).parameters()):
+                        teacher.lerp_(student, 1 - self.ema)
+
+    def zeroshot_heads(self):
+        """{name: (encode_image, encode_text)} for the zero-shot evaluation; the first is the main one.
+        With the MLP projector: its head, and the mix w * s_linear + (1 - w) * s_mlp, which is the cosine
+        of the concatenated vectors [sqrt(w) z, sqrt(1 - w) h]."""
+        heads = {"linear": (self.encode_image, self.encode_text)}
+        if self.has_mlp:
+            mlp_image = lambda x: F.normalize(self.image_mlp(self.visual(x)), dim=-1)
+            mlp_text = lambda t: F.normalize(self.text_mlp(self.text(t)), dim=-1)
+            w = self.mix_weight
+            heads["mlp"] = (mlp_image, mlp_text)
+            heads["mix"] = (lambda x: torch.cat([w**0.5 * self.encode_image(x), (1 - w) ** 0.5 * mlp_image(x)], -1),
+                            lambda t: torch.cat([w**0.5 * self.encode_text(t), (1 - w) ** 0.5 * mlp_text(t)], -1))
+        return heads
+
+    def flops_per_sample(self):
+        """Training FLOPs per pair (forward + backward = 3 forwards) of the towers and linear projections,
+        for every view; the small heads are left out; byol adds the teacher's forward."""
+        image_views, text_views = 1 + self.strong_views + (2 if self.ssl == "simclr" else 0), 1 + self.strong_views
+        forward = image_views * self.visual.flops() + text_views * self.text.flops()
+        forward += 2 * (self.image_projection.weight.numel() + self.text_projection.weight.numel())
+        return 3 * forward + (forward if self.ssl == "byol" else 0)
+
+
+def build_model(args):
+    return CLIP(args.model, strong_views=args.strong_views, mlp_projector=args.mlp_projector, mlp_hidden=args.mlp_hidden,
+                text_dropout=args.text_dropout, mix_weight=args.mix_weight, ssl=args.ssl, ema=args.ema)
+
+
+def train_views(args):
+    """The views the loader makes of each sample: a weak image crop and the caption; A strong views of
+    each (improved recipe); two more SimCLR image views for --ssl simclr."""
+    size = PRESETS[args.model]["image_size"]
+    weak = augment.CLIPView(size, scale=(args.weak_crop_scale, 1.0))
+    strong = augment.StrongView(size) if args.strong_image_augment else weak
+    stopword_p = 0.8 if args.text_augment else 0.0
+    image_views = [weak] + [strong] * args.strong_views + [augment.StrongView(size)] * (2 if args.ssl == "simclr" else 0)
+    text_views = [augment.TextView(stopword_p)] + [augment.TextView(stopword_p, eda=args.text_augment)] * args.strong_views
+    return image_views, text_views
+
+
+# ---------------------------------------------------------------------------------------------------
+# Loss
+
+
+def clip_loss(image_features, text_features, logit_scale, label_smoothing=0.0):
+    """Symmetric InfoNCE (Radford et al. 2021, Fig. 3), exact under DDP.
+
+    image_features, text_features: this rank's L2-normalised features [b, D]; logit_scale: s = exp(t).
+        L_rank = 1/2 [ CE(s I_local T_all^T, y) + CE(s T_local I_all^T, y) ],   y = arange(b) + b * rank
+    The mean of L_rank over ranks is the loss of the global batch, and since `gather_with_grad` returns
+    each rank the gradient of every rank's loss with respect to its features, DDP's averaged gradient is
+    that of one process holding the whole batch. Logits and softmax are computed in fp32."""
+    b = image_features.shape[0]
+    all_image = gather_with_grad(image_features).float()  # [N, D], N = b * world
+    all_text = gather_with_grad(text_features).float()  # [N, D]
+    labels = torch.arange(b, device=image_features.device) + b * get_rank()  # [b]
+    logits_image = logit_scale * image_features.float() @ all_text.t()  # [b, N]
+    logits_text = logit_scale * text_features.float() @ all_image.t()  # [b, N]
+    return (F.cross_entropy(logits_image, labels, label_smoothing=label_smoothing)
+            + F.cross_entropy(logits_text, labels, label_smoothing=label_smoothing)) / 2
+
+
+def ssl_loss(out, name):
+    """The SSL term, from ssl_losses.py. simclr: NT-Xent between the two extra image views (SLIP).
+    The others are cross-modal, as in Fini et al.: image embedding vs text embedding, averaged over the
+    weak pair and every (strong image view, strong text view) pair."""
+    if name == "simclr":
+        return ssl_losses.simclr_loss(out["ssl_z1"], out["ssl_z2"], temperature=0.1)
+    A = out["ssl_image"].shape[1] - 1
+    pairs = [(0, 0)] + [(1 + a, 1 + b) for a in range(A) for b in range(A)]  # (image view, text view)
+    terms = []
+    for i, t in pairs:
+        z_i, z_t = out["ssl_image"][:, i], out["ssl_text"][:, t]  # [B, d] each
+        if name in ("simsiam", "byol"):  # each modality predicts the other's (stop-gradient / EMA) embedding
+            terms.append((ssl_losses.negative_cosine(out["ssl_image_pred"][:, i], z_t)
+                          + ssl_losses.negative_cosine(out["ssl_text_pred"][:, t], z_i)) / 2)
+        elif name == "barlow":
+            terms.append(ssl_losses.barlow_twins_loss(z_i, z_t))
+        elif name == "vicreg":
+            terms.append(ssl_losses.vicreg_loss(z_i, z_t))
+        else:  # swav: the scores on the shared prototypes
+            terms.append(ssl_losses.swav_loss(z_i, z_t))
+    return torch.stack(terms).mean()
+
+
+def compute_loss(out, args):
+    """The method's loss from the model outputs -> (loss, {name: value to log}).
+    Plain CLIP: the InfoNCE g of the (weak) pair. Improved recipe (Fini et al. 2023), per direction:
+        L = (g + A l) / (1 + A),   l = mean over the A^2 (strong image view, strong text view) pairs of
+    InfoNCE with label smoothing. CLIP + SSL: L + ssl_weight * L_ssl."""
+    g = clip_loss(out["image"], out["text"], out["logit_scale"])
+    loss, logs = g, {"logit_scale": out["logit_scale"].detach()}
+    if "strong_image" in out:
+        A = out["strong_image"].shape[1]
+        l = torch.stack([clip_loss(out["strong_image"][:, a], out["strong_text"][:, b], out["strong_logit_scale"], args.label_smoothing)
+                         for a in range(A) for b in range(A)]).mean()
+        loss = (g + A * l) / (1 + A)
+        logs.update(weak_loss=g.detach(), strong_loss=l.detach(), strong_logit_scale=out["strong_logit_scale"].detach())
+    if args.ssl != "none":
+        s = ssl_loss(out, args.ssl)
+        loss = loss + args.ssl_weight * s
+        logs["ssl_loss"] = s.detach()
+    return loss, logs
+
+
+# ---------------------------------------------------------------------------------------------------
+# Distributed helpers
+
+
+# --- shared: distributed ---
+def get_rank():
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def get_world_size():
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+class GatherWithGrad(torch.autograd.Function):
+    """all_gather of [b, D] into [world * b, D] whose backward hands each rank the gradient of its own
+    slice summed over all ranks (an all-reduce, then the rank's slice; this works on gloo and NCCL)."""
+
+    @staticmethod
+    def forward(ctx, x):  # [b, D]
+        out = x.new_empty((get_world_size() * x.shape[0],) + x.shape[1:])  # [N, D]
+        dist.all_gather_into_tensor(out, x.contiguous())
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):  # [N, D]
+        grad = grad.contiguous()
+        dist.all_reduce(grad)  # sum over ranks of d(loss on rank r) / d(every feature)
+        b = grad.shape[0] // get_world_size()
+        return grad[get_rank() * b : (get_rank() + 1) * b]  # [b, D]
+
+
+def gather_with_grad(x):
+    """All ranks' rows of x in rank order, differentiable; x itself on one process."""
+    return GatherWithGrad.apply(x) if get_world_size() > 1 else x
+
+
+def print0(*args, **kwargs):
+    if get_rank() == 0:
+        print(*args, **kwargs, flush=True)
+# --- end shared: distributed ---
+
+
+# ---------------------------------------------------------------------------------------------------
+# Training
+
+
+# --- shared: training ---
+GPU_PEAK_TFLOPS = {"H100": 989, "H200": 989, "A100": 312, "L40S": 362, "A10G": 70, "L4": 121, "V100": 125}  # dense bf16/fp16
+DEFAULT_STEPS = 600
+
+
+def main(args):
+    """Single process (`python X.py`) or one of several (`torchrun`): set up, train, always tear down."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda":
+        device = torch.device("cuda", local_rank if device.index is None else device.index)
+        torch.cuda.set_device(device)
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    if world_size > 1:
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", device_id=device if device.type == "cuda" else None)
+    try:
+        return train(args, device, rank, world_size)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def resolve_resume(args):
+    """--resume -> the checkpoint path to load, or None. A path that does not exist is an error."""
+    if args.resume is None:
+        return None
+    if args.resume == "auto":
+        path = os.path.join(args.out_dir, "ckpt.pt")
+        return path if os.path.exists(path) else None
+    if not os.path.isfile(args.resume):
+        raise SystemExit(f"--resume {args.resume}: no such checkpoint file")
+    return args.resume
+
+
+def load_checkpoint(path, args):
+    """Load with weights_only=True (no pickled code runs) and check it belongs to this method and preset."""
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise SystemExit(f"{path}: not a loadable checkpoint ({type(e).__name__}: {str(e).splitlines()[0]})")
+    if not isinstance(ckpt, dict) or "method" not in ckpt or "model" not in ckpt:
+        raise SystemExit(f"{path}: not a checkpoint of these scripts")
+    if ckpt["method"] != METHOD:
+        raise SystemExit(f"{path}: a {ckpt['method']}.py checkpoint cannot resume {METHOD}.py")
+    if ckpt["args"]["model"] != args.model:
+        raise SystemExit(f"{path}: model preset {ckpt['args']['model']!r}, but --model is {args.model!r}")
+    return ckpt
+
+
+def save_checkpoint(path, state):
+    """Write to a temporary file, flush it to disk, then rename: a crash never leaves a half-written ckpt."""
+    tmp = path + ".tmp"
+    with open(tmp, "wb") as f:
+        torch.save(state, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def rng_state(device):
+    return {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
+
+
+def all_gather_object(obj):
+    if get_world_size() == 1:
+        return [obj]
+    out = [None] * get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def log(record, args):
+    """Rank 0: print one line and append the record to OUT_DIR/log.jsonl."""
+    if get_rank() != 0:
+        return
+    print(" | ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items()), flush=True)
+    with open(os.path.join(args.out_dir, "log.jsonl"), "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def evaluate(raw_model, args, device, autocast):
+    """Zero-shot top-1 of every head of the model on the held-out set, sharded over ranks."""
+    if args.eval_dataset == "none":
+        return {}
+    raw_model.eval()
+    dataset, classnames, templates = eval_zeroshot.synthetic_eval_set(PRESETS[args.model]["image_size"], args.seed)
+    dataset = torch.utils.data.Subset(dataset, range(min(args.eval_samples, len(dataset))))
+    results = eval_zeroshot.zeroshot_classify(
+        raw_model.zeroshot_heads(), dataset, classnames, templates, PRESETS[args.model]["context_length"], device,
+        autocast=autocast, rank=get_rank(), world_size=get_world_size())
+    raw_model.train()
+    record = {}
+    for i, (head, metrics) in enumerate(results.items()):
+        record["zeroshot_top1" if i == 0 else f"zeroshot_top1_{head}"] = metrics["top1"]
+    record["zeroshot_head"] = next(iter(results))
+    return record
+
+
+def train(args, device, rank, world_size):
+    cuda = device.type == "cuda"
+    precision = args.precision or ("bf16" if cuda and torch.cuda.is_bf16_supported() else "fp16" if cuda else "fp32")
+    autocast = (torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
+                if precision != "fp32" else nullcontext())
+    workers = args.workers if args.workers is not None else max(0, min(8, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", "1")) - 1))
+    ckpt_path = resolve_resume(args)
+    if rank == 0:
+        os.makedirs(args.out_dir, exist_ok=True)
+
+    # Model, optimizer. The same seed on every rank gives the same initial weights.
+    torch.manual_seed(args.seed)
+    raw_model = build_model(args).to(device)
+    for tower in (raw_model.visual, raw_model.text):
+        tower.transformer.grad_checkpointing = args.grad_checkpointing
+    decay = [p for p in raw_model.parameters() if p.requires_grad and p.ndim >= 2]
+    no_decay = [p for p in raw_model.parameters() if p.requires_grad and p.ndim < 2]  # gains, biases, temperatures
+    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": args.wd}, {"params": no_decay, "weight_decay": 0.0}],
+                                  lr=args.lr, betas=tuple(args.betas), eps=1e-6, fused=True)
+    # A GradScaler in every precision: for fp16 it is the dynamic loss scale; in all precisions it checks
+    # the gradients for inf/NaN and, with the fused AdamW, skips such a step on the device without a sync.
+    scaler = torch.amp.GradScaler(device.type, init_scale=2.0**16 if precision == "fp16" else 1.0)
+    torch.manual_seed(args.seed + rank)  # dropout and other model randomness differ per rank
+
+    # Resume: weights, optimizer, loss scale, step, random state and data position.
+    start_step, data_state = 0, None
+    if ckpt_path:
+        ckpt = load_checkpoint(ckpt_path, args)
+        raw_model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scaler.load_state_dict(ckpt["scaler"])
+        start_step = ckpt["step"]
+        if len(ckpt["rng"]) == world_size:
+            torch.set_rng_state(ckpt["rng"][rank]["cpu"])
+            if cuda and ckpt["rng"][rank]["cuda"] is not None:
+                torch.cuda.set_rng_state(ckpt["rng"][rank]["cuda"], device)
+            data_state = ckpt["data"][rank]
+        print0(f"resumed from {ckpt_path} at step {start_step}")
+        del ckpt
+
+    image_views, text_views = train_views(args)
+    loader = data.build_loader(
+        args.data, args.batch_size, image_views, text_views, rank=rank, world_size=world_size, workers=workers,
+        seed=args.seed, context_length=PRESETS[args.model]["context_length"], image_size=PRESETS[args.model]["image_size"],
+        start_step=start_step, state=data_state, pin_memory=cuda, csv_img_key=args.csv_img_key,
+        csv_caption_key=args.csv_caption_key, csv_separator=args.csv_separator, num_samples=args.train_num_samples)
+    total_steps = args.steps or (math.ceil(args.epochs * loader.steps_per_epoch) if args.epochs else DEFAULT_STEPS)
+
+    model = DDP(raw_model, device_ids=[device.index] if cuda else None) if world_size > 1 else raw_model
+    if args.compile:
+        model = torch.compile(model)
+    peak_tflops = args.peak_tflops or (next((v for k, v in GPU_PEAK_TFLOPS.items() if k in torch.cuda.get_device_name(device)), None) if cuda else None)
+    if rank == 0:
+        with open(os.path.join(args.out_dir, "run.json"), "w") as f:
+            json.dump({"method": METHOD, "args": vars(args), "world_size": world_size, "precision": precision,
+                       "total_steps": total_steps, "steps_per_epoch": loader.steps_per_epoch, "torch": torch.__version__,
+                       "python": platform.python_version(), "device": torch.cuda.get_device_name(device) if cuda else platform.processor() or "cpu",
+                       "parameters": sum(p.numel() for p in raw_model.parameters())}, f, indent=1)
+    print0(f"{METHOD}: {args.model} on {args.data}, {world_size} x {args.batch_size} per step, {total_steps} steps, "
+           f"{precision} on {device.type}, {workers} loader workers per rank")
+
+    def lr_at(step):  # linear warm-up, then cosine decay to 0
+        if step < args.warmup:
+            return args.lr * (step + 1) / args.warmup
+        return args.lr * 0.5 * (1 + math.cos(math.pi * (step - args.warmup) / max(1, total_steps - args.warmup)))
+
+    def checkpoint_state(step):
+        return {"method": METHOD, "args": vars(args), "step": step, "model": raw_model.state_dict(),
+                "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
+                "rng": all_gather_object(rng_state(device)), "data": all_gather_object(loader.state_dict())}
+
+    batches = iter(loader)
+    sums, n_sum, bad_in_a_row = {}, 0, torch.zeros((), device=device)
+    bad_total, data_time, t_log = torch.zeros((), device=device), 0.0, time.time()
+    for step in range(start_step, total_steps):
+        t_data = time.time()
+        images, tokens = next(batches)
+        images, tokens = images.to(device, non_blocking=True), tokens.to(device, non_blocking=True)
+        data_time += time.time() - t_data
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(step)
+
+        with autocast:
+            out = model(images, tokens)
+        loss, logs = compute_loss(out, args)  # outside autocast: the loss runs in fp32
+        scaler.scale(loss).backward()
+        scaler.unscale_(optimizer)
+        if args.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(raw_model.parameters(), args.grad_clip)
+        scaler.step(optimizer)  # skipped when a gradient is inf/NaN
+        scaler.update(None if precision == "fp16" else 1.0)  # only fp16 needs a loss scale other than 1
+        optimizer.zero_grad(set_to_none=True)
+        raw_model.after_step()
+
+        finite = torch.isfinite(loss.detach())  # counted on the device: no host sync outside log steps
+        bad_in_a_row = (bad_in_a_row + 1) * ~finite
+        bad_total += ~finite
+        for k, v in {"loss": loss.detach(), **logs}.items():
+            sums[k] = sums.get(k, 0.0) + torch.where(finite, v.float(), 0.0)
+        n_sum += 1
+
+        done = step + 1
+        if done % args.log_every == 0 or done == total_steps:
+            keys = list(sums)
+            totals = torch.stack([sums[k] for k in keys] + [bad_total, torch.tensor(float(loader.skipped), device=device)])
+            if world_size > 1:
+                dist.all_reduce(totals)
+            totals, elapsed = totals.tolist(), time.time() - t_log
+            good = max(1, n_sum * world_size - int(totals[-2]))
+            samples_per_s = n_sum * args.batch_size / elapsed
+            record = {"step": done, **{k: totals[i] / good for i, k in enumerate(keys)}, "lr": lr_at(step),
+                      "samples_per_s_per_gpu": samples_per_s, "data_time": data_time / n_sum,
+                      "mfu": raw_model.flops_per_sample() * samples_per_s / (peak_tflops * 1e12) if peak_tflops else None,
+                      "peak_mem_gb": (torch.cuda.max_memory_allocated(device) if cuda else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / 2**30,
+                      "skipped_samples": int(totals[-1]), "nonfinite_steps": int(totals[-2])}
+            log(record, args)
+            sums, n_sum, bad_total, data_time, t_log = {}, 0, torch.zeros((), device=device), 0.0, time.time()
+            if int(bad_in_a_row) >= args.max_bad_steps:
+                state = checkpoint_state(done)
+                if rank == 0:
+                    save_checkpoint(os.path.join(args.out_dir, "ckpt.pt"), state)
+                raise SystemExit(f"{args.max_bad_steps} steps in a row had a non-finite loss; stopped at step {done} "
+                                 f"with the last good weights saved in {args.out_dir}/ckpt.pt (lower --lr or use --grad-clip)")
+        if (args.save_every and done % args.save_every == 0) or done == total_steps:
+            state = checkpoint_state(done)
+            if rank == 0:
+                save_checkpoint(os.path.join(args.out_dir, "ckpt.pt"), state)
+        if args.eval_every and done % args.eval_every == 0 and done != total_steps:
+            log({"step": done, **evaluate(raw_model, args, device, autocast)}, args)
+
+    result = {"step": total_steps, **evaluate(raw_model, args, device, autocast)}
+    log(result, args)
+    return result
+# --- end shared: training ---
+
+
+if __name__ == "__main__":
+    main(parse_args())

@@ -1,0 +1,187 @@
+"""clip.py: the loss against a naive reference, distributed exactness, smoke runs, resume, learning."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+import clip
+from distributed import run_distributed
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FAST = ["--eval-samples", "128", "--workers", "0", "--log-every", "1"]
+
+
+def naive_clip_loss(image, text, scale):
+    """Row by row: -log softmax over the batch, image->text and text->image, averaged."""
+    n, total = len(image), 0.0
+    for i in range(n):
+        logits_i = torch.stack([scale * image[i] @ text[j] for j in range(n)])
+        logits_t = torch.stack([scale * text[i] @ image[j] for j in range(n)])
+        total = total - torch.log_softmax(logits_i, 0)[i] - torch.log_softmax(logits_t, 0)[i]
+    return total / (2 * n)
+
+
+def test_clip_loss_matches_the_naive_reference():
+    torch.manual_seed(0)
+    image = F.normalize(torch.randn(7, 5, dtype=torch.float64), dim=-1)
+    text = F.normalize(torch.randn(7, 5, dtype=torch.float64), dim=-1)
+    scale = torch.tensor(3.7, dtype=torch.float64)
+    expected = naive_clip_loss(image, text, scale)
+    got = clip.clip_loss(image, text, scale)
+    assert torch.allclose(got.double(), expected, atol=1e-6)
+
+
+def test_identical_embeddings_give_log_batch_size():
+    features = F.normalize(torch.randn(1, 8), dim=-1).repeat(6, 1)
+    for scale in (1.0, 10.0, 100.0):
+        assert math.isclose(clip.clip_loss(features, features, torch.tensor(scale)).item(), math.log(6), rel_tol=1e-5)
+
+
+def test_label_smoothing_matches_its_definition():
+    torch.manual_seed(1)
+    image, text = F.normalize(torch.randn(5, 4), dim=-1), F.normalize(torch.randn(5, 4), dim=-1)
+    logits = 2.0 * image @ text.t()
+    ls = 0.1
+    target = torch.full((5, 5), ls / 5) + torch.eye(5) * (1 - ls)
+    expected = ((-target * logits.log_softmax(1)).sum(1).mean() + (-target * logits.t().log_softmax(1)).sum(1).mean()) / 2
+    assert torch.allclose(clip.clip_loss(image, text, torch.tensor(2.0), label_smoothing=ls), expected, atol=1e-6)
+
+
+# --- distributed exactness ---------------------------------------------------------------------------
+
+def make_batch():
+    g = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (8, 1, 3, 32, 32), dtype=torch.uint8, generator=g)
+    tokens = torch.randint(0, 1000, (8, 1, 20), generator=g)
+    tokens[:, :, 12] = clip.data.EOT_TOKEN
+    return images, tokens
+
+
+def one_step_gradients(images, tokens):
+    torch.manual_seed(0)
+    model = clip.CLIP("tiny")
+    ddp = torch.nn.parallel.DistributedDataParallel(model) if dist.is_initialized() else model
+    out = ddp(images, tokens)
+    out["image"].retain_grad()
+    out["text"].retain_grad()
+    loss = clip.clip_loss(out["image"], out["text"], out["logit_scale"])
+    loss.backward()
+    return {"loss": loss.detach(), "image_grad": out["image"].grad, "text_grad": out["text"].grad,
+            "params": {k: p.grad.clone() for k, p in model.named_parameters()}}
+
+
+def half_batch_step(rank, world_size):
+    images, tokens = make_batch()
+    half = slice(rank * 4, (rank + 1) * 4)
+    return one_step_gradients(images[half], tokens[half])
+
+
+def test_two_processes_on_halves_equal_one_process_on_the_whole_batch():
+    whole = one_step_gradients(*make_batch())
+    halves = run_distributed(half_batch_step, 2)
+    # the mean of the ranks' losses is the global loss
+    assert torch.allclose((halves[0]["loss"] + halves[1]["loss"]) / 2, whole["loss"], atol=1e-6)
+    # feature gradients: rank r holds W x the global gradient of its rows (DDP divides by W later)
+    for r in range(2):
+        rows = slice(r * 4, (r + 1) * 4)
+        assert torch.allclose(halves[r]["image_grad"] / 2, whole["image_grad"][rows], atol=1e-7)
+        assert torch.allclose(halves[r]["text_grad"] / 2, whole["text_grad"][rows], atol=1e-7)
+    # parameter gradients after DDP's averaging: identical on both ranks and equal to one process
+    for name, grad in whole["params"].items():
+        assert torch.allclose(halves[0]["params"][name], halves[1]["params"][name], atol=1e-7), name
+        assert torch.allclose(halves[0]["params"][name], grad, rtol=1e-4, atol=1e-6), name
+
+
+def test_gathering_without_gradient_would_be_caught():
+    """The exactness test above must be able to fail: with a gather that drops the gradient of the
+    gathered columns (as SLIP does), the parameter gradients differ from one process."""
+    whole = one_step_gradients(*make_batch())
+    halves = run_distributed(half_batch_step_no_grad_gather, 2)
+    diffs = [(halves[0]["params"][k] - g).abs().max().item() for k, g in whole["params"].items()]
+    assert max(diffs) > 1e-4
+
+
+def half_batch_step_no_grad_gather(rank, world_size):
+    clip.GatherWithGrad.backward = staticmethod(lambda ctx, grad: grad[rank * (len(grad) // 2):(rank + 1) * (len(grad) // 2)] * 0)
+    return half_batch_step(rank, world_size)
+
+
+# --- runs --------------------------------------------------------------------------------------------
+
+def run(args, nproc=1, timeout=300):
+    cmd = ([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] if nproc > 1 else [sys.executable])
+    out = subprocess.run(cmd + [os.path.join(ROOT, "clip.py")] + args, capture_output=True, text=True, timeout=timeout,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"} if nproc > 1 else None)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    return out
+
+
+def read_log(out_dir):
+    with open(os.path.join(out_dir, "log.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def params(path):
+    return torch.load(path, weights_only=True)["model"]
+
+
+def test_torchrun_two_processes_equal_one_process_with_the_global_batch(tmp_path):
+    """2 ranks x batch 4 under torchrun train exactly like 1 process x batch 8: same data, same gradients."""
+    two, one = str(tmp_path / "two"), str(tmp_path / "one")
+    run(["--steps", "3", "--batch-size", "4", "--out-dir", two, "--warmup", "1"] + FAST, nproc=2)
+    run(["--steps", "3", "--batch-size", "8", "--out-dir", one, "--warmup", "1"] + FAST)
+    a, b = params(os.path.join(two, "ckpt.pt")), params(os.path.join(one, "ckpt.pt"))
+    # Adam divides by sqrt(v): on parameters whose true gradient is 0 (the key biases: softmax ignores a
+    # constant shift) it turns float noise into updates of up to ~1% of the learning rate (3e-3). A wrong
+    # batch split or gradient moves parameters by about the learning rate per step.
+    for k in a:
+        assert torch.allclose(a[k], b[k], atol=1e-4), k
+    losses = [[r["loss"] for r in read_log(d) if "loss" in r] for d in (two, one)]
+    assert losses[0] == pytest.approx(losses[1], rel=1e-5)
+    log = read_log(two)
+    assert [r["step"] for r in log if "loss" in r] == [1, 2, 3]
+    assert "zeroshot_top1" in log[-1]
+    assert all(k in log[0] for k in ("loss", "lr", "logit_scale", "samples_per_s_per_gpu", "data_time", "peak_mem_gb"))
+
+
+def test_resume_gives_the_same_parameters_as_a_straight_run(tmp_path):
+    straight, resumed = str(tmp_path / "straight"), str(tmp_path / "resumed")
+    common = ["--steps", "6", "--batch-size", "8", "--warmup", "2"] + FAST
+    run(common + ["--out-dir", straight])
+    run(common + ["--out-dir", resumed, "--steps", "3"])  # stops after 3 steps, with a checkpoint
+    ckpt = torch.load(os.path.join(resumed, "ckpt.pt"), weights_only=True)
+    assert ckpt["step"] == 3
+    run(common + ["--out-dir", resumed, "--resume", "auto"])
+    a, b = params(os.path.join(straight, "ckpt.pt")), params(os.path.join(resumed, "ckpt.pt"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    losses = [r["loss"] for r in read_log(resumed) if "loss" in r]
+    assert losses == [r["loss"] for r in read_log(straight) if "loss" in r]
+
+
+def test_checkpoint_of_another_method_or_preset_is_refused(tmp_path):
+    ckpt = {"method": "nclip", "args": {"model": "tiny"}, "model": {}}
+    torch.save(ckpt, tmp_path / "other.pt")
+    with pytest.raises(SystemExit, match="nclip.py checkpoint cannot resume clip.py"):
+        clip.load_checkpoint(str(tmp_path / "other.pt"), clip.parse_args([]))
+    torch.save({**ckpt, "method": "clip"}, tmp_path / "preset.pt")
+    with pytest.raises(SystemExit, match="--model"):
+        clip.load_checkpoint(str(tmp_path / "preset.pt"), clip.parse_args(["--model", "ViT-B/32"]))
+    (tmp_path / "text.pt").write_text("not a checkpoint")
+    with pytest.raises(SystemExit, match="not a loadable checkpoint"):
+        clip.load_checkpoint(str(tmp_path / "text.pt"), clip.parse_args([]))
+
+
+def test_a_short_default_run_learns(tmp_path):
+    """The default configuration, shortened: zero-shot accuracy far above chance (1/64)."""
+    out_dir = str(tmp_path / "run")
+    run(["--steps", "150", "--out-dir", out_dir, "--eval-samples", "512", "--log-every", "50"])
+    log = read_log(out_dir)
+    assert log[-1]["zeroshot_top1"] > 0.15, log[-1]
+    assert log[-2]["loss"] < log[0]["loss"]
