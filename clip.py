@@ -331,8 +331,8 @@ class BatchNorm(nn.BatchNorm1d):
             return super().forward(x)  # running statistics
         x = x.float()
         n = x.shape[0] * get_world_size()
-        mean = ssl_losses.all_reduce_with_grad(x.sum(0)) / n  # [C]
-        var = ssl_losses.all_reduce_with_grad(((x - mean) ** 2).sum(0)) / n  # [C], biased, as BatchNorm1d
+        mean = all_reduce_with_grad(x.sum(0)) / n  # [C]
+        var = all_reduce_with_grad(((x - mean) ** 2).sum(0)) / n  # [C], biased, as BatchNorm1d
         with torch.no_grad():
             self.running_mean.lerp_(mean, self.momentum)
             self.running_var.lerp_(var * n / max(1, n - 1), self.momentum)
@@ -511,6 +511,7 @@ def train_views(args):
 # Loss
 
 
+# --- shared: clip-loss ---
 def clip_loss(image_features, text_features, logit_scale, label_smoothing=0.0):
     """Symmetric InfoNCE (Radford et al. 2021, Fig. 3), exact under DDP.
 
@@ -527,6 +528,7 @@ def clip_loss(image_features, text_features, logit_scale, label_smoothing=0.0):
     logits_text = logit_scale * text_features.float() @ all_image.t()  # [b, N]
     return (F.cross_entropy(logits_image, labels, label_smoothing=label_smoothing)
             + F.cross_entropy(logits_text, labels, label_smoothing=label_smoothing)) / 2
+# --- end shared: clip-loss ---
 
 
 def ssl_loss(out, name):
@@ -597,7 +599,7 @@ class GatherWithGrad(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):  # [N, D]
-        grad = grad.contiguous()
+        grad = grad.clone()  # never all-reduce autograd's buffer in place
         dist.all_reduce(grad)  # sum over ranks of d(loss on rank r) / d(every feature)
         b = grad.shape[0] // get_world_size()
         return grad[get_rank() * b : (get_rank() + 1) * b]  # [b, D]
@@ -606,6 +608,28 @@ class GatherWithGrad(torch.autograd.Function):
 def gather_with_grad(x):
     """All ranks' rows of x in rank order, differentiable; x itself on one process."""
     return GatherWithGrad.apply(x) if get_world_size() > 1 else x
+
+
+class AllReduceWithGrad(torch.autograd.Function):
+    """Sum over ranks whose backward is also a sum over ranks: every rank's input reaches every rank's
+    output, so its gradient is the sum of all ranks' output gradients."""
+
+    @staticmethod
+    def forward(ctx, x):
+        x = x.clone()
+        dist.all_reduce(x)
+        return x
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.clone()
+        dist.all_reduce(grad)
+        return grad
+
+
+def all_reduce_with_grad(x):
+    """Sum of x over ranks, differentiable (for statistics of the global batch); x itself on one process."""
+    return AllReduceWithGrad.apply(x) if get_world_size() > 1 else x
 
 
 def print0(*args, **kwargs):

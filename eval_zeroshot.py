@@ -1,18 +1,71 @@
-"""Zero-shot evaluation: prompt-ensemble classifiers and classification metrics.
+"""Evaluation of clip.py, nclip.py and xclip.py checkpoints: zero-shot classification, image-text retrieval,
+linear probe. The training scripts call `zeroshot_classify` (and so these same functions) while they train.
 
-The training scripts call `zeroshot_classify` for their periodic evaluation; every rank takes a shard of
-the images and the counts are summed over ranks, so the numbers equal those of one process.
+  python eval_zeroshot.py --checkpoint runs/clip/ckpt.pt     # the held-out synthetic images of the training log
+  python eval_zeroshot.py --checkpoint ckpt.pt --dataset cifar10 --data-dir /data/cifar --linear-probe --out r.json
+  python eval_zeroshot.py --checkpoint ckpt.pt --retrieval /data/flickr30k/test.csv --gallery gallery.png
+  torchrun --standalone --nproc_per_node=8 eval_zeroshot.py --checkpoint ckpt.pt --dataset imagenet --data-dir /data/imagenet
 
-Prompt ensemble (Radford et al. 2021, Sec. 3.1.4): for class c with templates t_1..t_M,
-    w_c = normalize( 1/M sum_m normalize(f_text(t_m(c))) ),   score(x, c) = <normalize(f_image(x)), w_c>
+Protocols
+  Zero-shot classification with prompt ensembles (Radford et al. 2021, arXiv:2103.00020, Sec. 3.1.4): with
+  templates t_1..t_M,  w_c = normalize(1/M sum_m normalize(f_text(t_m(c)))),  score(x, c) = <normalize(f_image(x)), w_c>.
+  Top-1, top-5 and mean per-class recall (the mean over classes of the fraction of their images ranked first,
+  CLIP's metric for unbalanced sets, its Appendix A). Every head of `model.zeroshot_heads()` is scored, the
+  first being the main one (improved recipe: linear, mlp, mix; nCLIP: square roots of the prototype
+  distributions, whose cosine is the Bhattacharyya coefficient).
+  Retrieval: recall@1/5/10 as on the Flickr30k / MSCOCO test splits of Karpathy & Fei-Fei (2015), where an
+  image has several captions. Image->text: an image is a hit at k when any of its captions is among the k
+  best-scoring captions; text->image: a caption is a hit at k when its own image is among the k best images.
+  Linear probe (CLIP Appendix A.3; SLIP reports the same measurement): multinomial logistic regression by
+  full-batch L-BFGS on frozen, L2-normalised image-tower features before the projection (I_f in CLIP's Fig. 3).
+  The L2 strength is picked from PROBE_WEIGHT_DECAYS on a random 20% of the train split (ties: the stronger),
+  the classifier refit on all of it and scored on the test split.
+  Ties, everywhere: an item's rank is the number of wrong items scoring at least as high as the best right one
+  (pessimistic: a tie never helps), so no number depends on a sort order.
+
+Datasets (--dataset, --data-dir DIR), every image through augment.EvalView at the checkpoint's image size
+  synthetic    the 'val' split of data.SyntheticPairs, its first --eval-samples images; by default the
+               checkpoint's own --eval-samples and --seed: the top-1 is the training log's zeroshot_top1.
+               Probe: PROBE_SYNTHETIC_SAMPLES images of the train split.
+  imagenet     DIR/val (else DIR) holds the 1000 WordNet-id folders (n01440764, ...); OpenAI's class names and
+               80 templates from eval_data/prompts.json, in sorted-wnid order. Probe: DIR/train.
+  cifar10/100  torchvision's layout, DIR/cifar-10-batches-py or DIR/cifar-100-python (the extracted python
+               archives, never downloaded); OpenAI's names and 18 templates. Probe: train vs test split.
+  folder       any ImageFolder, DIR/val, else DIR/test, else DIR; class names are the folder names with '_' as
+               spaces, templates FOLDER_TEMPLATES. Probe: DIR/train, with the same class folders.
+  --retrieval PAIRS.csv: one row per caption, image paths relative to the CSV; its images are the distinct paths.
+Distributed: rank r encodes items r, r + W, r + 2W, ...; the features are gathered back into dataset order on
+every rank, so every number equals that of one process.
+Output: a table; --out JSON with top1, top5, mean_per_class_recall (fractions, main head), i2t_r1 ... t2i_r10,
+linear_top1, and every head's numbers under "heads"; --gallery PNG: 6 classes, each with its 5 best-scoring
+images and their scores.
 """
+
+import argparse
+import importlib
+import json
+import os
+import re
+from contextlib import nullcontext
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from PIL import Image, ImageDraw, ImageFont
 
 import augment
 import data
+
+METHODS = ("clip", "nclip", "xclip")  # the only modules a checkpoint may name
+PROMPTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "eval_data", "prompts.json")
+FOLDER_TEMPLATES = ["a photo of a {}.", "a photo of the {}.", "a close-up photo of a {}.", "a cropped photo of a {}.",
+                    "a bright photo of a {}.", "a good photo of the {}."]  # generic ones among OpenAI's 80
+PROBE_WEIGHT_DECAYS = [1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1]  # L2 strengths the linear probe chooses from
+PROBE_SYNTHETIC_SAMPLES = 4096  # synthetic train images for the linear probe: a few seconds on a CPU
+RECALL_AT = (1, 5, 10)
+
+# ---------------------------------------------------------------------------------------------------
+# Classifier and metrics
 
 
 @torch.no_grad()
@@ -28,32 +81,94 @@ def build_classifier(encode_text, classnames, templates, context_length, device,
     return F.normalize(features, dim=-1).t().contiguous()  # [D, C]
 
 
-def classification_counts(logits, labels, num_classes):
-    """logits [N, C], labels [N] -> dict of summable counts: top-1 and top-5 hits, per-class hits and totals."""
-    top5 = logits.topk(min(5, logits.shape[1]), dim=1).indices  # [N, 5]
-    hit1 = top5[:, 0] == labels  # [N]
-    hit5 = (top5 == labels[:, None]).any(1)  # [N]
-    return {
-        "n": torch.tensor(float(len(labels)), device=logits.device),
-        "top1": hit1.sum().float(),
-        "top5": hit5.sum().float(),
-        "class_hits": torch.bincount(labels[hit1], minlength=num_classes).float(),  # [C]
-        "class_total": torch.bincount(labels, minlength=num_classes).float(),  # [C]
-    }
+def pessimistic_rank(scores, positive):
+    """scores [N, M], positive bool [N, M] (at least one per row) -> [N]: the 0-based rank of each row's best
+    positive when ties go against it = the number of negatives scoring >= it. A NaN score ranks last."""
+    scores = torch.nan_to_num(scores.float(), nan=float("-inf"))  # [N, M]
+    best = scores.masked_fill(~positive, float("-inf")).max(1).values  # [N]
+    return ((scores >= best[:, None]) & ~positive).sum(1)  # [N]
 
 
-def metrics_from_counts(counts):
-    """Summed counts -> top1, top5 and mean per-class recall (classes that have images), as fractions."""
-    present = counts["class_total"] > 0
-    return {
-        "top1": (counts["top1"] / counts["n"]).item(),
-        "top5": (counts["top5"] / counts["n"]).item(),
-        "mean_per_class_recall": (counts["class_hits"][present] / counts["class_total"][present]).mean().item(),
-    }
+def classification_metrics(logits, labels, num_classes):
+    """logits [N, C], labels [N] -> top1, top5 and mean per-class recall (over classes that have images)."""
+    rank = pessimistic_rank(logits, F.one_hot(labels, num_classes).bool())  # [N]
+    hit = (rank == 0).float()  # [N]
+    class_hits = torch.zeros(num_classes, device=logits.device).index_add_(0, labels, hit)  # [C]
+    class_total = torch.bincount(labels, minlength=num_classes).float()  # [C]
+    present = class_total > 0
+    return {"top1": hit.mean().item(), "top5": (rank < 5).float().mean().item(),
+            "mean_per_class_recall": (class_hits[present] / class_total[present]).mean().item()}
+
+
+def retrieval_metrics(image_features, text_features, text_to_image):
+    """image_features [N, D], text_features [T, D] (unit norm), text_to_image [T]: the image of each caption
+    -> i2t_r1, i2t_r5, i2t_r10, t2i_r1, t2i_r5, t2i_r10 as fractions."""
+    scores = image_features.float() @ text_features.float().t()  # [N, T]
+    images = torch.arange(len(image_features), device=scores.device)  # [N]
+    positive = text_to_image.to(scores.device)[None, :] == images[:, None]  # [N, T]
+    ranks = {"i2t": pessimistic_rank(scores, positive), "t2i": pessimistic_rank(scores.t(), positive.t())}
+    return {f"{way}_r{k}": (rank < k).float().mean().item() for way, rank in ranks.items() for k in RECALL_AT}
+
+
+# ---------------------------------------------------------------------------------------------------
+# Encoding a dataset, sharded over ranks
+
+
+def gather_in_order(x, n, world_size):
+    """This rank's rows x of items rank, rank + W, ... -> all n items in dataset order, on every rank."""
+    m = -(-n // world_size)  # rows of the largest shard
+    padded = x.new_zeros((m,) + x.shape[1:])  # [m, ...]
+    padded[: len(x)] = x
+    shards = [torch.empty_like(padded) for _ in range(world_size)]  # W x [m, ...]
+    dist.all_gather(shards, padded)
+    return torch.stack(shards, 1).reshape(world_size * m, *x.shape[1:])[:n]  # [m, W, ...] -> [n, ...]: item j * W + r
+
+
+@torch.no_grad()
+def encode_dataset(encoders, dataset, device, batch_size=256, workers=0, autocast=None, rank=0, world_size=1):
+    """encoders {name: fn(inputs) -> [b, D]}, dataset of (input, label) -> ({name: unit-norm float [N, D]},
+    labels [N]), every item of the dataset in order, on every rank; each rank encodes its shard once."""
+    if len(dataset) < world_size:
+        raise ValueError(f"{len(dataset)} items cannot be shared by {world_size} ranks")
+    shard = torch.utils.data.Subset(dataset, range(rank, len(dataset), world_size))
+    loader = torch.utils.data.DataLoader(shard, batch_size=batch_size, num_workers=workers)
+    features, labels = {name: [] for name in encoders}, []
+    for inputs, y in loader:
+        inputs = inputs.to(device, non_blocking=True)
+        for name, encode in encoders.items():
+            with autocast or nullcontext():
+                f = encode(inputs)  # [b, D]
+            features[name].append(F.normalize(f.float(), dim=-1))  # [b, D]
+        labels.append(y.to(device))
+    features, labels = {k: torch.cat(v) for k, v in features.items()}, torch.cat(labels)  # [n_r, D], [n_r]
+    if world_size > 1:
+        features = {k: gather_in_order(v, len(dataset), world_size) for k, v in features.items()}  # [N, D]
+        labels = gather_in_order(labels, len(dataset), world_size)  # [N]
+    return features, labels
+
+
+def zeroshot_classifiers(heads, classnames, templates, context_length, device, autocast=None):
+    with autocast or nullcontext():
+        return {name: build_classifier(encode_text, classnames, templates, context_length, device)
+                for name, (_, encode_text) in heads.items()}  # {name: [D, C]}
+
+
+def zeroshot_classify(heads, dataset, classnames, templates, context_length, device, batch_size=256,
+                      workers=0, autocast=None, rank=0, world_size=1):
+    """Zero-shot top-1/top-5/per-class recall of every head on `dataset` of (uint8 image, label), sharded over
+    ranks. heads: {name: (encode_image, encode_text)}, features normalised here. -> {name: metrics}"""
+    classifiers = zeroshot_classifiers(heads, classnames, templates, context_length, device, autocast)
+    features, labels = encode_dataset({name: head[0] for name, head in heads.items()}, dataset, device,
+                                      batch_size, workers, autocast, rank, world_size)
+    return {name: classification_metrics(features[name] @ classifiers[name], labels, len(classnames)) for name in heads}
+
+
+# ---------------------------------------------------------------------------------------------------
+# Datasets: every evaluation set yields (uint8 image [3, S, S], label)
 
 
 class LabeledImages(torch.utils.data.Dataset):
-    """(PIL image, caption-or-None, label) source -> (uint8 [3, H, W] eval view, label)."""
+    """A source of (PIL image, [caption,] label) -> (uint8 [3, S, S] eval view, label)."""
 
     def __init__(self, source, image_size):
         self.source, self.view = source, augment.EvalView(image_size)
@@ -62,42 +177,329 @@ class LabeledImages(torch.utils.data.Dataset):
         return len(self.source)
 
     def __getitem__(self, index):
-        image, _, label = self.source[index]
-        return self.view(image), label
+        item = self.source[index]
+        return self.view(item[0]), item[-1]
 
 
-@torch.no_grad()
-def zeroshot_classify(heads, dataset, classnames, templates, context_length, device, batch_size=256,
-                      workers=0, autocast=None, rank=0, world_size=1):
-    """Zero-shot top-1/top-5/per-class recall of every head on `dataset`, sharded over ranks.
-    heads: {name: (encode_image, encode_text)}, each returning features [N, D] (normalised here)."""
-    autocast = autocast or torch.autocast(device.type, enabled=False)
-    shard = torch.utils.data.Subset(dataset, range(rank, len(dataset), world_size))
-    loader = torch.utils.data.DataLoader(shard, batch_size=batch_size, num_workers=workers)
-    classifiers = {}
-    with autocast:
-        for name, (_, encode_text) in heads.items():
-            classifiers[name] = build_classifier(encode_text, classnames, templates, context_length, device)
-    empty = classification_counts(torch.zeros(0, len(classnames), device=device), torch.zeros(0, dtype=torch.long, device=device), len(classnames))
-    counts = {name: dict(empty) for name in heads}
-    for images, labels in loader:
-        images, labels = images.to(device, non_blocking=True), labels.to(device)
-        for name, (encode_image, _) in heads.items():
-            with autocast:
-                features = encode_image(images)
-            logits = F.normalize(features.float(), dim=-1) @ classifiers[name]  # [n, C]
-            c = classification_counts(logits, labels, len(classnames))
-            counts[name] = {k: counts[name][k] + c[k] for k in c}
-    results = {}
-    for name, c in counts.items():
-        if world_size > 1:
-            for v in c.values():
-                dist.all_reduce(v)
-        results[name] = metrics_from_counts(c)
-    return results
+class ImageFiles(torch.utils.data.Dataset):
+    """Image paths -> (PIL image, its index)."""
+
+    def __init__(self, paths):
+        self.paths = paths
+
+    def __len__(self):
+        return len(self.paths)
+
+    def __getitem__(self, index):
+        return data.load_image(self.paths[index]), index
 
 
 def synthetic_eval_set(image_size, seed=0):
     """The held-out split of the synthetic data, with its class names and prompt templates."""
     source = data.SyntheticPairs("val", image_size, seed=seed)
     return LabeledImages(source, image_size), data.SYNTHETIC_CLASSNAMES, data.SYNTHETIC_TEMPLATES
+
+
+def load_prompts(name):
+    with open(PROMPTS) as f:
+        prompts = json.load(f)[name]
+    return prompts["classnames"], prompts["templates"]
+
+
+def image_folder(root, what):
+    from torchvision.datasets import ImageFolder
+
+    try:
+        return ImageFolder(root)
+    except OSError as e:  # no such folder, no class folders, or a class folder without images
+        raise SystemExit(f"{what} {root}: {str(e)[:300]}") from None
+
+
+def classification_sets(name, data_dir, image_size, seed=0, probe=False):
+    """-> (test set, train set for the linear probe if `probe` else None, class names, templates)."""
+    if name == "synthetic":
+        test, classnames, templates = synthetic_eval_set(image_size, seed)
+        train = LabeledImages(data.SyntheticPairs("train", image_size, seed), image_size) if probe else None
+        return test, train, classnames, templates
+    if not data_dir or not os.path.isdir(data_dir):
+        raise SystemExit(f"--dataset {name} needs --data-dir, an existing folder (got {data_dir!r})")
+    import torchvision.datasets  # imported here: it costs seconds that training runs need not pay
+
+    if name in ("cifar10", "cifar100"):
+        cifar = torchvision.datasets.CIFAR10 if name == "cifar10" else torchvision.datasets.CIFAR100
+        try:
+            test = cifar(data_dir, train=False, download=False)
+            train = cifar(data_dir, train=True, download=False) if probe else None
+        except RuntimeError:  # torchvision: "Dataset not found or corrupted" (a missing file or a bad checksum)
+            files = ",".join([f for f, _ in cifar.train_list + cifar.test_list] + [cifar.meta["filename"]])
+            raise SystemExit(f"--dataset {name}: no intact copy in {data_dir}: expected "
+                             f"{os.path.join(data_dir, cifar.base_folder)}/{{{files}}} (the extracted python archive)") from None
+        classnames, templates = load_prompts(name)
+    else:
+        test_dir = next((os.path.join(data_dir, s) for s in ("val", "test") if os.path.isdir(os.path.join(data_dir, s))), data_dir)
+        test = image_folder(test_dir, f"--dataset {name}:")
+        train = image_folder(os.path.join(data_dir, "train"), "--linear-probe needs a train split:") if probe else None
+        if train is not None and train.classes != test.classes:
+            raise SystemExit(f"--linear-probe: {data_dir}/train and {test_dir} have different class folders")
+        if name == "imagenet":
+            classnames, templates = load_prompts("imagenet")
+            if len(test.classes) != len(classnames) or not all(re.fullmatch(r"n\d{8}", c) for c in test.classes):
+                raise SystemExit(f"--dataset imagenet: {test_dir} must hold the {len(classnames)} WordNet-id class "
+                                 f"folders (n01440764, ...); found {len(test.classes)} ({', '.join(test.classes[:3])}, ...)")
+        else:
+            classnames, templates = [c.replace("_", " ") for c in test.classes], FOLDER_TEMPLATES
+    return LabeledImages(test, image_size), train if train is None else LabeledImages(train, image_size), classnames, templates
+
+
+def retrieval_set(path, image_size, context_length, img_key="filepath", caption_key="caption", separator=None):
+    """A CSV of (image path, caption) rows -> (images: dataset of (uint8 image, index), captions: dataset of
+    (tokens [L], index of the caption's image))."""
+    if not os.path.isfile(path):
+        raise SystemExit(f"--retrieval {path}: no such file")
+    try:
+        pairs = data.CsvPairs(path, img_key, caption_key, separator)
+        captions = [data.check_caption(c) for c in pairs.captions]
+    except ValueError as e:
+        raise SystemExit(f"--retrieval {path}: {e}") from None
+    paths = list(dict.fromkeys(pairs.paths))  # distinct images, in order of first appearance
+    missing = [p for p in paths if not os.path.isfile(p)]
+    if missing:
+        raise SystemExit(f"--retrieval {path}: {len(missing)} of {len(paths)} images are missing, e.g. {missing[0]}")
+    index = {p: i for i, p in enumerate(paths)}
+    text_to_image = torch.tensor([index[p] for p in pairs.paths])  # [T]
+    tokens = data.tokenize(captions, context_length)  # [T, L]
+    return LabeledImages(ImageFiles(paths), image_size), torch.utils.data.TensorDataset(tokens, text_to_image)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Linear probe
+
+
+def fit_logistic_regression(x, y, num_classes, weight_decay, max_iter=200):
+    """argmin over W, b of  mean_i CE(x_i W + b, y_i) + weight_decay / 2 ||W||^2,  by full-batch L-BFGS.
+    x [N, D], y [N] -> (W [D, C], b [C])."""
+    W = torch.zeros(x.shape[1], num_classes, device=x.device, requires_grad=True)  # [D, C]
+    b = torch.zeros(num_classes, device=x.device, requires_grad=True)  # [C]
+    optimizer = torch.optim.LBFGS([W, b], max_iter=max_iter, history_size=20, line_search_fn="strong_wolfe")
+
+    def closure():
+        optimizer.zero_grad()
+        loss = F.cross_entropy(x @ W + b, y) + weight_decay / 2 * W.square().sum()  # []
+        loss.backward()
+        return loss
+
+    with torch.enable_grad():
+        optimizer.step(closure)
+    return W.detach(), b.detach()
+
+
+def linear_probe(train_x, train_y, test_x, test_y, num_classes, weight_decays=PROBE_WEIGHT_DECAYS, holdout=0.2, seed=0):
+    """Test top-1 of logistic regression on L2-normalised features; the weight decay is the one with the best
+    top-1 on a random `holdout` part of train (ties: the larger), refit on all of train. -> (top1, weight decay)"""
+    train_x, test_x = F.normalize(train_x.float(), dim=-1), F.normalize(test_x.float(), dim=-1)  # [N, D], [M, D]
+    order = torch.randperm(len(train_x), generator=torch.Generator().manual_seed(seed)).to(train_x.device)  # [N]
+    n_held = max(1, round(holdout * len(order)))
+    held, fit = order[:n_held], order[n_held:]
+
+    def top1(x, y, W, b):
+        return classification_metrics(x @ W + b, y, num_classes)["top1"]
+
+    scores = [(top1(train_x[held], train_y[held], *fit_logistic_regression(train_x[fit], train_y[fit], num_classes, wd)), wd)
+              for wd in weight_decays]
+    best = max(scores)[1]
+    return top1(test_x, test_y, *fit_logistic_regression(train_x, train_y, num_classes, best)), best
+
+
+# ---------------------------------------------------------------------------------------------------
+# Gallery
+
+
+def draw_gallery(path, dataset, scores, labels, classnames, rows=6, per_row=5, tile=96):
+    """Write a PNG: for `rows` classes spread over the class list, the `per_row` images of `dataset` with the
+    highest score for that class (scores [N, C]), each with its score; green frame: the image is of that
+    class, red: of another. -> [(class, [(image index, score), ...]), ...], the rows drawn."""
+    C = scores.shape[1]
+    classes = sorted({round(i * (C - 1) / max(1, rows - 1)) for i in range(rows)})
+    label_width, header, row_height = 150, 20, tile + 24
+    canvas = Image.new("RGB", (label_width + per_row * (tile + 6), header + len(classes) * row_height), "white")
+    draw, font = ImageDraw.Draw(canvas), ImageFont.load_default()
+    draw.text((4, 4), f"class prompt: its {per_row} best-scoring images and their cosine scores (green frame: that class)",
+              fill="black", font=font)
+    picks = []
+    for r, c in enumerate(classes):
+        top = torch.sort(scores[:, c].float().cpu(), descending=True, stable=True).indices[:per_row].tolist()
+        picks.append((c, [(i, scores[i, c].item()) for i in top]))
+        y = header + r * row_height + 4
+        draw.text((4, y + tile // 2 - 6), classnames[c][:24], fill="black", font=font)
+        for k, i in enumerate(top):
+            image = dataset[i][0]  # uint8 [3, S, S]
+            pil = Image.fromarray(image.permute(1, 2, 0).numpy())
+            pil = pil.resize((tile, tile), Image.NEAREST if pil.width < tile else Image.BICUBIC)
+            x = label_width + k * (tile + 6)
+            canvas.paste(pil, (x, y))
+            draw.rectangle([x - 2, y - 2, x + tile + 1, y + tile + 1], outline="green" if labels[i] == c else "red", width=2)
+            draw.text((x, y + tile + 2), f"{scores[i, c].item():.3f}", fill="black", font=font)
+    canvas.save(path)
+    return picks
+
+
+# ---------------------------------------------------------------------------------------------------
+# Checkpoints
+
+
+def load_model(path, device):
+    """A checkpoint of clip.py, nclip.py or xclip.py -> (model in eval mode on `device`, method module,
+    training args, step). Loaded with weights_only=True: a file holding pickled code is refused before it runs."""
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # missing, not a torch file, or pickled objects other than tensors and containers
+        reason = f"{type(e).__name__}: {(str(e) or '?').splitlines()[0]}"
+        if "Weights only" in str(e):
+            reason = "it holds pickled objects other than tensors; nothing was run"
+        raise SystemExit(f"--checkpoint {path}: not a loadable checkpoint ({reason})") from None
+    if not isinstance(ckpt, dict) or not {"method", "args", "model"} <= ckpt.keys() or not isinstance(ckpt["args"], dict):
+        raise SystemExit(f"--checkpoint {path}: not a checkpoint of clip.py, nclip.py or xclip.py")
+    if ckpt["method"] not in METHODS:
+        raise SystemExit(f"--checkpoint {path}: unknown method {ckpt['method']!r} (known: {', '.join(METHODS)})")
+    try:
+        module = importlib.import_module(ckpt["method"])
+    except ImportError as e:
+        raise SystemExit(f"--checkpoint {path}: a {ckpt['method']}.py checkpoint, but {ckpt['method']}.py cannot be imported ({e})") from None
+    train_args = argparse.Namespace(**ckpt["args"])
+    try:
+        model = module.build_model(train_args)
+        model.load_state_dict(ckpt["model"])
+    except (AttributeError, KeyError, RuntimeError, TypeError) as e:
+        raise SystemExit(f"--checkpoint {path}: its weights do not fit {ckpt['method']}.py's model "
+                         f"({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
+    return model.to(device).eval(), module, train_args, ckpt.get("step")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Command line
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--checkpoint", required=True, help="ckpt.pt written by clip.py, nclip.py or xclip.py")
+    p.add_argument("--dataset", default="synthetic", choices=["synthetic", "imagenet", "cifar10", "cifar100", "folder"],
+                   help="zero-shot classification set (layouts: see the module docstring)")
+    p.add_argument("--data-dir", default=None, help="where the --dataset lives (all but synthetic)")
+    p.add_argument("--eval-samples", type=int, default=None,
+                   help="evaluate on the first N images (default: all; synthetic: the checkpoint's --eval-samples)")
+    p.add_argument("--retrieval", default=None, metavar="PAIRS.csv",
+                   help="also image<->text recall@1/5/10 on a CSV with one row per caption")
+    p.add_argument("--csv-img-key", default="filepath", help="--retrieval CSV column of image paths (relative to the CSV)")
+    p.add_argument("--csv-caption-key", default="caption", help="--retrieval CSV column of captions")
+    p.add_argument("--csv-separator", default=None, help="--retrieval CSV separator (default: tab for .tsv, comma otherwise)")
+    p.add_argument("--linear-probe", action="store_true", help="also logistic regression on frozen image-tower features")
+    p.add_argument("--probe-samples", type=int, default=None,
+                   help=f"linear probe: train images, evenly spaced through the train split (default: synthetic {PROBE_SYNTHETIC_SAMPLES}, others all)")
+    p.add_argument("--out", default=None, metavar="results.json", help="write the results as JSON")
+    p.add_argument("--gallery", default=None, metavar="gallery.png", help="draw the top-5 images of 6 class prompts")
+    p.add_argument("--batch-size", type=int, default=256, help="images per forward, per process")
+    p.add_argument("--workers", type=int, default=None, help="data loader processes per rank (default: CPUs per rank - 1, at most 8)")
+    p.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: cuda if available)")
+    p.add_argument("--precision", default=None, choices=["bf16", "fp16", "fp32"],
+                   help="autocast dtype (default: bf16 on GPUs that support it, fp16 on other GPUs, fp32 on CPU)")
+    args = p.parse_args(argv)
+    for flag, minimum in (("batch_size", 1), ("eval_samples", 1), ("probe_samples", 2), ("workers", 0)):
+        if getattr(args, flag) is not None and getattr(args, flag) < minimum:
+            p.error(f"--{flag.replace('_', '-')} must be at least {minimum}")
+    return args
+
+
+def print_table(record):
+    first = next(iter(record["heads"].values()))
+    print(f"{record['method']}.py checkpoint {record['checkpoint']}, step {record['step']} | {record['dataset']}: "
+          f"{record['images']} images, {record['classes']} classes" + (f" | retrieval: {record['retrieval']}" if "retrieval" in record else ""))
+    widths = {k: max(7, len(k)) + 2 for k in first}
+    print("head      " + "".join(f"{k:>{w}}" for k, w in widths.items()) + "   (percent; first row: the main head)")
+    for name, metrics in record["heads"].items():
+        print(f"{name:<10}" + "".join(f"{100 * metrics[k]:>{w}.2f}" for k, w in widths.items()))
+    if "linear_top1" in record:
+        print(f"linear probe top-1 {100 * record['linear_top1']:.2f} (weight decay {record['linear_weight_decay']:g}, "
+              f"{record['probe_samples']} train images)")
+
+
+def evaluate(args, device, rank=0, world_size=1):
+    """The CLI's work, on every rank; rank 0 prints and writes the files. -> the JSON record."""
+    model, module, train_args, step = load_model(args.checkpoint, device)
+    size, context_length = (module.PRESETS[train_args.model][k] for k in ("image_size", "context_length"))
+    # Every input is opened before the first forward, so bad input stops the run at once.
+    dataset, probe_train, classnames, templates = classification_sets(args.dataset, args.data_dir, size,
+                                                                       getattr(train_args, "seed", 0), args.linear_probe)
+    n = args.eval_samples or (getattr(train_args, "eval_samples", None) if args.dataset == "synthetic" else None)
+    dataset = torch.utils.data.Subset(dataset, range(min(n or len(dataset), len(dataset))))
+    if args.retrieval:
+        images, captions = retrieval_set(args.retrieval, size, context_length, args.csv_img_key, args.csv_caption_key, args.csv_separator)
+    if args.linear_probe:
+        k = min(args.probe_samples or (PROBE_SYNTHETIC_SAMPLES if args.dataset == "synthetic" else len(probe_train)), len(probe_train))
+        probe_train = torch.utils.data.Subset(probe_train, torch.linspace(0, len(probe_train) - 1, k).round().long().tolist())
+
+    cuda = device.type == "cuda"
+    precision = args.precision or ("bf16" if cuda and torch.cuda.is_bf16_supported() else "fp16" if cuda else "fp32")
+    autocast = (torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
+                if precision != "fp32" else nullcontext())
+    workers = args.workers if args.workers is not None else max(0, min(8, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", "1")) - 1))
+    common = dict(device=device, batch_size=args.batch_size, workers=workers, autocast=autocast, rank=rank, world_size=world_size)
+
+    heads = model.zeroshot_heads()
+    image_encoders = {name: head[0] for name, head in heads.items()}
+    probe_encoder = {"linear probe": model.visual} if args.linear_probe else {}  # features before the projection
+    classifiers = zeroshot_classifiers(heads, classnames, templates, context_length, device, autocast)  # {name: [D, C]}
+    features, labels = encode_dataset({**image_encoders, **probe_encoder}, dataset, **common)  # {name: [N, D]}, [N]
+    results = {name: classification_metrics(features[name] @ classifiers[name], labels, len(classnames)) for name in heads}
+    record = {"checkpoint": args.checkpoint, "method": module.__name__, "step": step, "dataset": args.dataset,
+              "images": len(dataset), "classes": len(classnames), "head": next(iter(heads))}
+    if args.retrieval:
+        image_features, _ = encode_dataset(image_encoders, images, **common)  # {name: [N_img, D]}
+        text_features, text_to_image = encode_dataset({name: head[1] for name, head in heads.items()}, captions, **common)
+        for name in heads:
+            results[name].update(retrieval_metrics(image_features[name], text_features[name], text_to_image))
+        record["retrieval"] = f"{len(images)} images, {len(captions)} captions"
+    record.update(results[record["head"]])
+    if args.linear_probe:
+        train_x, train_y = encode_dataset(probe_encoder, probe_train, **common)  # {"linear probe": [k, width]}, [k]
+        top1, weight_decay = linear_probe(train_x["linear probe"], train_y, features["linear probe"], labels, len(classnames))
+        record.update(linear_top1=top1, linear_weight_decay=weight_decay, probe_samples=len(probe_train))
+    record["heads"] = results
+
+    if rank == 0:
+        print_table(record)
+        if args.out:
+            with open(args.out, "w") as f:
+                json.dump(record, f, indent=1)
+        if args.gallery:
+            scores = features[record["head"]] @ classifiers[record["head"]]  # [N, C]
+            draw_gallery(args.gallery, dataset, scores, labels.tolist(), classnames)
+    return record
+
+
+def main(argv=None):
+    """`python eval_zeroshot.py ...` or under torchrun (one rank per process); inside an existing process
+    group (as in the tests) it uses that group."""
+    args = parse_args(argv)
+    world_size, local_rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("LOCAL_RANK", "0"))
+    try:
+        device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    except RuntimeError as e:
+        raise SystemExit(f"--device {args.device}: {e}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit(f"--device {args.device}: no CUDA device is available")
+    if device.type == "cuda":
+        device = torch.device("cuda", local_rank if device.index is None else device.index)
+        torch.cuda.set_device(device)
+    own_group = world_size > 1 and not dist.is_initialized()
+    if own_group:
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", device_id=device if device.type == "cuda" else None)
+    try:
+        rank, world_size = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+        return evaluate(args, device, rank, world_size)
+    finally:
+        if own_group:
+            dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

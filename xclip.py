@@ -1,0 +1,788 @@
+"""xCLIP: CLIP and nCLIP trained together (Zhou, Dong, Gan, Wang, Wei, CVPR 2023, arXiv:2210.09304).
+
+One forward of shared towers feeds two heads per modality: CLIP's linear projections (InfoNCE over the
+batch, see clip.py) and nCLIP's prototype heads (cross-modal distribution prediction, see nclip.py):
+    L = alpha * L_CLIP + beta * L_nCLIP
+    L_CLIP  = 1/2 [ CE(s I T^T, y) + CE(s T I^T, y) ]
+    L_nCLIP = 1/2 [ H(q_T, p_I) + H(q_I, p_T) ] + lambda * 1/2 sum_m ( log K - H(mean over the batch of p_m) )
+The paper reports that the two objectives help each other: better zero-shot transfer and better
+representations than CLIP alone. alpha = beta = 1 by default; a public summary of the paper reports
+0.3 / 0.7 (unverified), so both weights are flags.
+
+A reconstruction, not the authors' code: their code was never released; the nCLIP head, temperatures
+and anti-collapse term are our choices (see nclip.py and ../shared/DESIGN.md). Zero-shot uses the CLIP
+head ("linear"); the nCLIP head's Bhattacharyya score is evaluated too ("nclip").
+
+Differs from nclip.py in:
+  - the model also has CLIP's linear projections and temperature, and its loss adds InfoNCE (`xclip_loss`)
+  - zero-shot evaluation scores the CLIP head first
+
+Launch:
+  python xclip.py                                                   # CPU: tiny model on synthetic data
+  python xclip.py --model ViT-B/16 --data /data/cc3m/{00000..00331}.tar --epochs 32 --batch-size 256   # 1 GPU
+  torchrun --standalone --nproc_per_node=8 xclip.py --model ViT-B/16 --data /data/cc3m/{00000..00331}.tar \
+      --epochs 32 --batch-size 256 --lr 5e-4 --wd 0.5 --warmup 2000   # 8 GPUs, global batch 2048
+
+Reference result: `python xclip.py` on a 2-core CPU (no GPU): see README.md "Results".
+"""
+import argparse
+import json
+import math
+import os
+import platform
+import resource
+import signal
+import sys
+import time
+from contextlib import nullcontext
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel as DDP
+from torch.utils.checkpoint import checkpoint
+
+import augment
+import data
+import eval_zeroshot
+
+METHOD = "xclip"
+
+# ---------------------------------------------------------------------------------------------------
+# Config
+
+
+# --- shared: config ---
+def common_args(parser):
+    """The flags every method file has, with the same defaults."""
+    g = parser.add_argument_group("data")
+    g.add_argument("--data", default="synthetic",
+                   help="'synthetic' (drawn shapes, the default), a .csv/.tsv of image paths and captions, or tar "
+                        "shards in img2dataset layout such as '/data/cc3m/{00000..00331}.tar'")
+    g.add_argument("--csv-img-key", default="filepath", help="CSV column holding image paths (relative to the file)")
+    g.add_argument("--csv-caption-key", default="caption", help="CSV column holding captions")
+    g.add_argument("--csv-separator", default=None, help="CSV separator (default: tab for .tsv, comma otherwise)")
+    g.add_argument("--train-num-samples", type=int, default=None,
+                   help="tar shards: samples per epoch (default: counted from the tar headers at start)")
+    g.add_argument("--workers", type=int, default=None,
+                   help="data loader processes per rank (default: CPUs per rank - 1, at most 8). Raise it if the "
+                        "logged data_time is more than a few percent of the step time")
+
+    g = parser.add_argument_group("model")
+    g.add_argument("--model", default="tiny", choices=list(PRESETS),
+                   help="tower sizes: 'tiny' trains on a laptop CPU in minutes; the ViT presets use CLIP's "
+                        "12-layer text tower (width 768 for ViT-L/14) at 224 px")
+    g.add_argument("--grad-checkpointing", action="store_true",
+                   help="recompute each block's activations in the backward pass: ~1/3 more compute, much less "
+                        "memory; use it when a larger per-GPU batch matters more than speed")
+
+    g = parser.add_argument_group("optimisation")
+    g.add_argument("--batch-size", type=int, default=256,
+                   help="per process; the contrastive batch is batch-size x world size. Larger batches give more "
+                        "negatives, which helps contrastive losses; scale --lr with it")
+    g.add_argument("--steps", type=int, default=None,
+                   help="optimizer steps (default: --epochs x steps per epoch, or 600 if neither is given)")
+    g.add_argument("--epochs", type=float, default=None, help="passes over the data (sets --steps when that is unset)")
+    g.add_argument("--lr", type=float, default=3e-3,
+                   help="peak learning rate. SLIP and Fini et al. use 3e-3 at batch 4096 (ViT-B/16); CLIP used 5e-4 at "
+                        "batch 32k. Lower it if the loss spikes or turns non-finite")
+    g.add_argument("--wd", type=float, default=0.1,
+                   help="AdamW weight decay on matrices and embeddings (not on gains, biases, temperatures). "
+                        "0.1-0.2 is usual; small data sets like CC3M prefer 0.5")
+    g.add_argument("--betas", type=float, nargs=2, default=(0.9, 0.98),
+                   help="AdamW betas; CLIP's beta2 0.98 is steadier than 0.999 at large batch")
+    g.add_argument("--warmup", type=int, default=100,
+                   help="linear warm-up steps before the cosine decay; about 1 epoch, or 2k-10k steps at scale")
+    g.add_argument("--grad-clip", type=float, default=0.0, help="clip the global gradient norm to this (0: off)")
+    g.add_argument("--max-bad-steps", type=int, default=20,
+                   help="a step whose loss or gradient is not finite is skipped; this many in a row stop the run "
+                        "with a checkpoint of the last good state")
+
+    g = parser.add_argument_group("system")
+    g.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: cuda if available)")
+    g.add_argument("--precision", default=None, choices=["bf16", "fp16", "fp32"],
+                   help="autocast dtype (default: bf16 on GPUs that support it, fp16 on older GPUs, fp32 on CPU); "
+                        "fp16 uses a dynamic loss scale")
+    g.add_argument("--compile", action="store_true",
+                   help="torch.compile the model: slower start (a minute or more), faster steps")
+    g.add_argument("--seed", type=int, default=0, help="seeds initialisation, data order and augmentations")
+    g.add_argument("--peak-tflops", type=float, default=None,
+                   help="the accelerator's dense peak for the MFU column (default: looked up for known GPUs)")
+
+    g = parser.add_argument_group("run")
+    g.add_argument("--out-dir", default=f"runs/{METHOD}", help="where ckpt.pt, log.jsonl and run.json go")
+    g.add_argument("--resume", default=None,
+                   help="'auto': continue from OUT_DIR/ckpt.pt if it exists; or the path of a checkpoint")
+    g.add_argument("--save-every", type=int, default=500, help="steps between checkpoints (and one at the end)")
+    g.add_argument("--log-every", type=int, default=50, help="steps between log lines")
+    g.add_argument("--eval-every", type=int, default=0, help="steps between zero-shot evaluations (0: only at the end)")
+    g.add_argument("--eval-dataset", default="synthetic", choices=["synthetic", "none"],
+                   help="zero-shot evaluation set: the held-out synthetic split, or none")
+    g.add_argument("--eval-samples", type=int, default=2048, help="held-out synthetic images to evaluate on")
+    return parser
+# --- end shared: config ---
+
+
+# --- shared: nclip-args ---
+def nclip_args(g):
+    """The flags of the nCLIP heads and loss."""
+    g.add_argument("--prototypes", type=int, default=None,
+                   help="K, the size of each distribution (the paper: 32768 for base models; default 32768, 1024 "
+                        "for tiny). Keep the global batch in the thousands when K is large")
+    g.add_argument("--head-hidden", type=int, default=None, help="hidden width of the head's MLP (default 2048; 256 for tiny)")
+    g.add_argument("--head-bottleneck", type=int, default=None,
+                   help="width of the L2-normalised bottleneck before the prototypes (default 256; 64 for tiny)")
+    g.add_argument("--student-temp", type=float, default=0.1, help="tau_s: temperature of the predictions p")
+    g.add_argument("--teacher-temp", type=float, default=0.04,
+                   help="tau_t of --targets softmax: below tau_s it sharpens the targets, which keeps the outputs "
+                        "from going uniform")
+    g.add_argument("--reg-weight", type=float, default=1.0,
+                   help="lambda of the mean-entropy regulariser, which keeps the batch from collapsing onto a few "
+                        "prototypes; raise it if prototypes_used in the log keeps falling")
+    g.add_argument("--targets", default="sinkhorn", choices=["sinkhorn", "softmax"],
+                   help="sinkhorn: Sinkhorn-Knopp targets that use every prototype equally over the global batch "
+                        "(SwAV; epsilon 0.05, 3 iterations); softmax: targets sharpened with --teacher-temp. On the "
+                        "synthetic data softmax targets collapse onto one prototype within a few dozen steps")
+
+
+def resolve_nclip_args(args):
+    """Head sizes: the paper's base-model scale, or a small head for the tiny preset."""
+    small = args.model == "tiny"
+    for key, base, tiny in (("prototypes", 32768, 1024), ("head_hidden", 2048, 256), ("head_bottleneck", 256, 64)):
+        if getattr(args, key) is None:
+            setattr(args, key, tiny if small else base)
+    return args
+# --- end shared: nclip-args ---
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    common_args(parser)
+    g = parser.add_argument_group("xCLIP: L = alpha * L_CLIP + beta * L_nCLIP")
+    g.add_argument("--clip-weight", type=float, default=1.0, help="alpha, the weight of the InfoNCE term")
+    g.add_argument("--nclip-weight", type=float, default=1.0,
+                   help="beta, the weight of the nCLIP term (a public summary of the paper reports alpha 0.3, beta 0.7)")
+    nclip_args(parser.add_argument_group("nCLIP (Zhou et al. 2023; head and regulariser reconstructed)"))
+    return resolve_nclip_args(parser.parse_args(argv))
+
+
+# ---------------------------------------------------------------------------------------------------
+# Model
+
+
+# --- shared: towers ---
+PRESETS = {  # image tower (ViT) and text tower (causal Transformer) sizes, and the joint embedding width
+    "tiny": dict(image_size=32, patch_size=8, vision_width=64, vision_layers=4, vision_heads=2,
+                 context_length=20, text_width=64, text_layers=4, text_heads=2, embed_dim=64),
+    "ViT-S/16": dict(image_size=224, patch_size=16, vision_width=384, vision_layers=12, vision_heads=6,
+                     context_length=77, text_width=512, text_layers=12, text_heads=8, embed_dim=512),
+    "ViT-B/32": dict(image_size=224, patch_size=32, vision_width=768, vision_layers=12, vision_heads=12,
+                     context_length=77, text_width=512, text_layers=12, text_heads=8, embed_dim=512),
+    "ViT-B/16": dict(image_size=224, patch_size=16, vision_width=768, vision_layers=12, vision_heads=12,
+                     context_length=77, text_width=512, text_layers=12, text_heads=8, embed_dim=512),
+    "ViT-L/14": dict(image_size=224, patch_size=14, vision_width=1024, vision_layers=24, vision_heads=16,
+                     context_length=77, text_width=768, text_layers=12, text_heads=12, embed_dim=768),
+}
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention through F.scaled_dot_product_attention (flash / memory-efficient kernels
+    on GPU), with q, k and v from one fused projection."""
+
+    def __init__(self, width, heads, causal):
+        super().__init__()
+        self.heads, self.causal = heads, causal
+        self.qkv = nn.Linear(width, 3 * width)
+        self.out = nn.Linear(width, width)
+
+    def forward(self, x):  # x [B, N, C]
+        B, N, C = x.shape
+        q, k, v = self.qkv(x).view(B, N, 3, self.heads, C // self.heads).permute(2, 0, 3, 1, 4)  # 3 x [B, h, N, C/h]
+        x = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal)  # [B, h, N, C/h]
+        return self.out(x.transpose(1, 2).reshape(B, N, C))  # [B, N, C]
+
+
+class Block(nn.Module):
+    """Pre-LN Transformer block: x + attn(LN(x)), then x + MLP(LN(x))."""
+
+    def __init__(self, width, heads, causal):
+        super().__init__()
+        self.ln_1, self.ln_2 = nn.LayerNorm(width), nn.LayerNorm(width)
+        self.attn = Attention(width, heads, causal)
+        self.mlp = nn.Sequential(nn.Linear(width, 4 * width), nn.GELU(), nn.Linear(4 * width, width))
+
+    def forward(self, x):  # [B, N, C]
+        x = x + self.attn(self.ln_1(x))  # [B, N, C]
+        return x + self.mlp(self.ln_2(x))  # [B, N, C]
+
+
+class Transformer(nn.Module):
+    def __init__(self, width, layers, heads, causal=False):
+        super().__init__()
+        self.blocks = nn.ModuleList(Block(width, heads, causal) for _ in range(layers))
+        self.grad_checkpointing = False
+        for block in self.blocks:  # CLIP's initialisation (Radford et al. 2021, released code)
+            nn.init.normal_(block.attn.qkv.weight, std=width**-0.5)
+            nn.init.normal_(block.attn.out.weight, std=width**-0.5 * (2 * layers) ** -0.5)
+            nn.init.normal_(block.mlp[0].weight, std=(2 * width) ** -0.5)
+            nn.init.normal_(block.mlp[2].weight, std=width**-0.5 * (2 * layers) ** -0.5)
+            for linear in (block.attn.qkv, block.attn.out, block.mlp[0], block.mlp[2]):
+                nn.init.zeros_(linear.bias)
+
+    def forward(self, x, dropout=0.0):  # x [B, N, C]
+        for block in self.blocks:
+            if dropout > 0:  # dropout on the residual stream before each block (Fini et al. 2023's text dropout)
+                x = F.dropout(x, dropout, training=True)
+            x = checkpoint(block, x, use_reentrant=False) if self.grad_checkpointing and self.training else block(x)
+        return x
+
+
+class VisionTower(nn.Module):
+    """ViT as in CLIP: patch embedding, class token, LN, pre-LN blocks, LN on the class token -> [B, width]."""
+
+    def __init__(self, image_size, patch_size, width, layers, heads):
+        super().__init__()
+        self.image_size, self.patch_size, self.width, self.layers = image_size, patch_size, width, layers
+        self.patch_embed = nn.Conv2d(3, width, patch_size, stride=patch_size, bias=False)
+        self.class_embedding = nn.Parameter(width**-0.5 * torch.randn(width))
+        self.positional_embedding = nn.Parameter(width**-0.5 * torch.randn((image_size // patch_size) ** 2 + 1, width))
+        self.ln_pre, self.ln_post = nn.LayerNorm(width), nn.LayerNorm(width)
+        self.transformer = Transformer(width, layers, heads)
+
+    def forward(self, images):  # uint8 [B, 3, H, W] (normalised here) or float, already normalised
+        x = augment.normalize(images) if images.dtype == torch.uint8 else images  # [B, 3, H, W]
+        x = self.patch_embed(x).flatten(2).transpose(1, 2)  # [B, P, C]
+        cls = self.class_embedding.to(x.dtype).expand(len(x), 1, -1)  # [B, 1, C]
+        x = torch.cat([cls, x], dim=1) + self.positional_embedding.to(x.dtype)  # [B, P + 1, C]
+        x = self.transformer(self.ln_pre(x))  # [B, P + 1, C]
+        return self.ln_post(x[:, 0])  # [B, C]
+
+    def flops(self):
+        """Forward FLOPs per image (2 per multiply-add), counting matmuls and attention."""
+        patches = (self.image_size // self.patch_size) ** 2
+        return 2 * patches * 3 * self.patch_size**2 * self.width + transformer_flops(patches + 1, self.width, self.layers)
+
+
+class TextTower(nn.Module):
+    """Causal Transformer as in CLIP: token + position embeddings, pre-LN blocks, LN, features at the
+    end-of-text token -> [B, width]."""
+
+    def __init__(self, vocab_size, context_length, width, layers, heads):
+        super().__init__()
+        self.context_length, self.width, self.layers = context_length, width, layers
+        self.token_embedding = nn.Embedding(vocab_size, width)
+        self.positional_embedding = nn.Parameter(torch.empty(context_length, width))
+        nn.init.normal_(self.token_embedding.weight, std=0.02)
+        nn.init.normal_(self.positional_embedding, std=0.01)
+        self.transformer = Transformer(width, layers, heads, causal=True)
+        self.ln_final = nn.LayerNorm(width)
+
+    def forward(self, tokens, dropout=0.0):  # tokens [B, L]
+        x = self.token_embedding(tokens) + self.positional_embedding[: tokens.shape[1]]  # [B, L, C]
+        x = self.transformer(x, dropout)  # [B, L, C]
+        eot = (tokens == data.EOT_TOKEN).int().argmax(dim=1)  # [B] position of the first end-of-text token
+        return self.ln_final(x[torch.arange(len(x), device=x.device), eot])  # [B, C]
+
+    def flops(self):
+        return transformer_flops(self.context_length, self.width, self.layers)
+
+
+def transformer_flops(tokens, width, layers):
+    """Forward FLOPs of `layers` blocks on `tokens` tokens: 24 N C^2 in the qkv, output and MLP matmuls,
+    4 N^2 C in the two attention products."""
+    return layers * (24 * tokens * width**2 + 4 * tokens**2 * width)
+# --- end shared: towers ---
+
+
+# --- shared: nclip-head ---
+class PrototypeHead(nn.Module):
+    """Features -> cosine similarity to K unit-norm prototypes (DINO-style): an MLP to a bottleneck,
+    L2 normalisation, then a weight-normalised bias-free layer whose gain is fixed at 1."""
+
+    def __init__(self, in_dim, hidden, bottleneck, prototypes):
+        super().__init__()
+        self.mlp = nn.Sequential(nn.Linear(in_dim, hidden), nn.GELU(), nn.Linear(hidden, hidden), nn.GELU(),
+                                 nn.Linear(hidden, bottleneck))
+        self.prototypes = nn.Parameter(torch.randn(prototypes, bottleneck) * bottleneck**-0.5)  # [K, d]
+
+    def forward(self, x):  # [B, C] -> [B, K], in [-1, 1]
+        z = F.normalize(self.mlp(x), dim=-1)  # [B, d]
+        return z @ F.normalize(self.prototypes, dim=-1).t()  # [B, K]
+
+    def flops(self):
+        return 2 * sum(p.numel() for p in self.parameters() if p.ndim == 2)
+
+
+def sqrt_distribution(scores, temperature):
+    """Prototype scores [B, K] -> sqrt(softmax(scores / tau)) [B, K]: unit vectors whose dot product is the
+    Bhattacharyya coefficient of two distributions (nCLIP's zero-shot score)."""
+    return torch.softmax(scores.float() / temperature, dim=-1).sqrt()
+# --- end shared: nclip-head ---
+
+
+class XCLIP(nn.Module):
+    """Two towers; per modality a linear projection (CLIP) and a prototype head (nCLIP) on the same pooled
+    features; CLIP's learnable temperature."""
+
+    def __init__(self, model="tiny", vocab_size=data.VOCAB_SIZE, prototypes=1024, head_hidden=256,
+                 head_bottleneck=64, student_temp=0.1):
+        super().__init__()
+        cfg = PRESETS[model]
+        vw, tw, D = cfg["vision_width"], cfg["text_width"], cfg["embed_dim"]
+        self.student_temp = student_temp
+        self.visual = VisionTower(cfg["image_size"], cfg["patch_size"], vw, cfg["vision_layers"], cfg["vision_heads"])
+        self.text = TextTower(vocab_size, cfg["context_length"], tw, cfg["text_layers"], cfg["text_heads"])
+        self.image_projection = nn.Linear(vw, D, bias=False)
+        self.text_projection = nn.Linear(tw, D, bias=False)
+        nn.init.normal_(self.image_projection.weight, std=vw**-0.5)
+        nn.init.normal_(self.text_projection.weight, std=tw**-0.5)
+        self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))  # t; s = exp(t) starts at 1/0.07
+        self.image_head = PrototypeHead(vw, head_hidden, head_bottleneck, prototypes)
+        self.text_head = PrototypeHead(tw, head_hidden, head_bottleneck, prototypes)
+
+    def encode_image(self, images):  # [B, 3, H, W] -> [B, D], unit norm
+        return F.normalize(self.image_projection(self.visual(images)), dim=-1)
+
+    def encode_text(self, tokens):  # [B, L] -> [B, D], unit norm
+        return F.normalize(self.text_projection(self.text(tokens)), dim=-1)
+
+    def forward(self, images, tokens):  # images [B, V, 3, H, W], tokens [B, T, L]; xCLIP uses view 0 of each
+        f_image, f_text = self.visual(images[:, 0]), self.text(tokens[:, 0])  # [B, Cv], [B, Ct]
+        return {"image": F.normalize(self.image_projection(f_image), dim=-1),  # [B, D]
+                "text": F.normalize(self.text_projection(f_text), dim=-1),  # [B, D]
+                "logit_scale": self.logit_scale.exp(),
+                "image_scores": self.image_head(f_image),  # [B, K]
+                "text_scores": self.text_head(f_text)}  # [B, K]
+
+    def after_step(self):
+        """Clamp the temperature after each optimizer step (not in the forward, which would cut its gradient)."""
+        with torch.no_grad():
+            self.logit_scale.clamp_(0, math.log(100))
+
+    def zeroshot_heads(self):
+        """{name: (encode_image, encode_text)}: CLIP's head first, then nCLIP's Bhattacharyya score."""
+        return {"linear": (self.encode_image, self.encode_text),
+                "nclip": (lambda x: sqrt_distribution(self.image_head(self.visual(x)), self.student_temp),
+                          lambda t: sqrt_distribution(self.text_head(self.text(t)), self.student_temp))}
+
+    def flops_per_sample(self):
+        """Training FLOPs per pair: forward + backward (2x forward) of the towers, projections and heads."""
+        projections = 2 * (self.image_projection.weight.numel() + self.text_projection.weight.numel())
+        heads = self.image_head.flops() + self.text_head.flops()
+        return 3 * (self.visual.flops() + self.text.flops() + projections + heads)
+
+
+def build_model(args):
+    return XCLIP(args.model, prototypes=args.prototypes, head_hidden=args.head_hidden,
+                 head_bottleneck=args.head_bottleneck, student_temp=args.student_temp)
+
+
+def train_views(args):
+    """The views the loader makes per sample: one CLIP crop of the image and the caption as it is."""
+    size = PRESETS[args.model]["image_size"]
+    return [augment.CLIPView(size, scale=(0.9, 1.0))], [augment.TextView()]
+
+
+# ---------------------------------------------------------------------------------------------------
+# Loss
+
+
+# --- shared: nclip-loss ---
+def entropy(p):  # [..., K] -> [...], in nats; 0 log 0 = 0
+    return torch.special.entr(p).sum(-1)
+
+
+@torch.no_grad()
+def sinkhorn(scores, epsilon=0.05, iters=3):
+    """Sinkhorn-Knopp targets (SwAV, Caron et al. 2020, arXiv:2006.09882), over the global batch:
+    Q = exp(scores / epsilon)^T [K, N], then alternately make every prototype's total 1/K and every
+    sample's total 1/N; returns this rank's rows [b, K], each summing to 1."""
+    world = get_world_size()
+    N, K = scores.shape[0] * world, scores.shape[1]
+    logits = scores.float() / epsilon  # [b, K]
+    m = logits.max()
+    if world > 1:
+        dist.all_reduce(m, op=dist.ReduceOp.MAX)
+    Q = torch.exp(logits - m).t()  # [K, b], this rank's columns of [K, N]; the shift cancels below
+    Q /= all_reduce_with_grad(Q.sum())
+    for _ in range(iters):
+        Q /= all_reduce_with_grad(Q.sum(dim=1, keepdim=True)) * K  # [K, b], every prototype's total: 1/K
+        Q /= Q.sum(dim=0, keepdim=True) * N  # [K, b], every sample's total: 1/N
+    return (Q * N).t()  # [b, K]
+
+
+def nclip_loss(image_scores, text_scores, student_temp=0.1, teacher_temp=0.04, reg_weight=1.0, targets="sinkhorn"):
+    """nCLIP (Zhou et al. 2023), exact under DDP; see the module docstring for the equation.
+
+    image_scores, text_scores: this rank's prototype scores z_I, z_T [b, K].
+    Prediction term: each rank's mean over its samples (the mean over ranks is the global mean).
+    Regulariser: p_bar is the mean of p over the global batch (summed over ranks with gradient), so it is
+    the same on every rank, as DDP's averaged gradient then is that of one process with the whole batch.
+    Returns (loss, diagnostics): H(p_bar) (log K at most; near 0 means collapse onto one prototype), the
+    mean per-sample entropy H(p) (near log K means uniform outputs) and the number of prototypes that are
+    the argmax of at least one sample of the global batch (averages over the two modalities)."""
+    b, K = image_scores.shape
+    log_p = {m: F.log_softmax(z.float() / student_temp, dim=-1) for m, z in (("I", image_scores), ("T", text_scores))}  # [b, K]
+    with torch.no_grad():  # pseudo-labels: sharpened softmax, or Sinkhorn-Knopp
+        q = {m: sinkhorn(z) if targets == "sinkhorn" else torch.softmax(z.float() / teacher_temp, dim=-1)
+             for m, z in (("I", image_scores), ("T", text_scores))}  # [b, K]
+    prediction = -((q["T"] * log_p["I"]).sum(-1).mean() + (q["I"] * log_p["T"]).sum(-1).mean()) / 2
+    N = b * get_world_size()
+    p_bar = {m: all_reduce_with_grad(lp.exp().sum(0)) / N for m, lp in log_p.items()}  # [K], global batch mean
+    regulariser = sum(math.log(K) - entropy(p_bar[m]) for m in p_bar) / 2
+    with torch.no_grad():
+        used = 0.0
+        for lp in log_p.values():
+            wins = torch.bincount(lp.argmax(-1), minlength=K).float()  # [K]
+            used = used + (all_reduce_with_grad(wins) > 0).sum().float() / 2
+        stats = {"prediction_loss": prediction.detach(), "entropy_regulariser": regulariser.detach(),
+                 "entropy_batch_mean": sum(entropy(p) for p in p_bar.values()) / 2,
+                 "entropy_per_sample": sum(entropy(lp.exp()).mean() for lp in log_p.values()) / 2,
+                 "prototypes_used": used}
+    return prediction + reg_weight * regulariser, stats
+# --- end shared: nclip-loss ---
+
+
+# --- shared: clip-loss ---
+def clip_loss(image_features, text_features, logit_scale, label_smoothing=0.0):
+    """Symmetric InfoNCE (Radford et al. 2021, Fig. 3), exact under DDP.
+
+    image_features, text_features: this rank's L2-normalised features [b, D]; logit_scale: s = exp(t).
+        L_rank = 1/2 [ CE(s I_local T_all^T, y) + CE(s T_local I_all^T, y) ],   y = arange(b) + b * rank
+    The mean of L_rank over ranks is the loss of the global batch, and since `gather_with_grad` returns
+    each rank the gradient of every rank's loss with respect to its features, DDP's averaged gradient is
+    that of one process holding the whole batch. Logits and softmax are computed in fp32."""
+    b = image_features.shape[0]
+    all_image = gather_with_grad(image_features).float()  # [N, D], N = b * world
+    all_text = gather_with_grad(text_features).float()  # [N, D]
+    labels = torch.arange(b, device=image_features.device) + b * get_rank()  # [b]
+    logits_image = logit_scale * image_features.float() @ all_text.t()  # [b, N]
+    logits_text = logit_scale * text_features.float() @ all_image.t()  # [b, N]
+    return (F.cross_entropy(logits_image, labels, label_smoothing=label_smoothing)
+            + F.cross_entropy(logits_text, labels, label_smoothing=label_smoothing)) / 2
+# --- end shared: clip-loss ---
+
+
+def xclip_loss(image_features, text_features, logit_scale, image_scores, text_scores, clip_weight=1.0,
+               nclip_weight=1.0, **nclip_options):
+    """L = alpha * L_CLIP + beta * L_nCLIP on the outputs of one forward of the shared towers, exact under
+    DDP as both terms are. -> (loss, logs)."""
+    l_clip = clip_loss(image_features, text_features, logit_scale)
+    l_nclip, stats = nclip_loss(image_scores, text_scores, **nclip_options)
+    return clip_weight * l_clip + nclip_weight * l_nclip, {"clip_loss": l_clip.detach(), "nclip_loss": l_nclip.detach(), **stats}
+
+
+def compute_loss(out, args):
+    """The method's loss from the model outputs -> (loss, {name: value to log})."""
+    loss, logs = xclip_loss(out["image"], out["text"], out["logit_scale"], out["image_scores"], out["text_scores"],
+                            args.clip_weight, args.nclip_weight, student_temp=args.student_temp,
+                            teacher_temp=args.teacher_temp, reg_weight=args.reg_weight, targets=args.targets)
+    return loss, {"logit_scale": out["logit_scale"].detach(), **logs}
+
+
+# ---------------------------------------------------------------------------------------------------
+# Distributed helpers
+
+
+# --- shared: distributed ---
+def get_rank():
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def get_world_size():
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+class GatherWithGrad(torch.autograd.Function):
+    """all_gather of [b, D] into [world * b, D] whose backward hands each rank the gradient of its own
+    slice summed over all ranks (an all-reduce, then the rank's slice; this works on gloo and NCCL)."""
+
+    @staticmethod
+    def forward(ctx, x):  # [b, D]
+        out = x.new_empty((get_world_size() * x.shape[0],) + x.shape[1:])  # [N, D]
+        dist.all_gather_into_tensor(out, x.contiguous())
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):  # [N, D]
+        grad = grad.clone()  # never all-reduce autograd's buffer in place
+        dist.all_reduce(grad)  # sum over ranks of d(loss on rank r) / d(every feature)
+        b = grad.shape[0] // get_world_size()
+        return grad[get_rank() * b : (get_rank() + 1) * b]  # [b, D]
+
+
+def gather_with_grad(x):
+    """All ranks' rows of x in rank order, differentiable; x itself on one process."""
+    return GatherWithGrad.apply(x) if get_world_size() > 1 else x
+
+
+class AllReduceWithGrad(torch.autograd.Function):
+    """Sum over ranks whose backward is also a sum over ranks: every rank's input reaches every rank's
+    output, so its gradient is the sum of all ranks' output gradients."""
+
+    @staticmethod
+    def forward(ctx, x):
+        x = x.clone()
+        dist.all_reduce(x)
+        return x
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.clone()
+        dist.all_reduce(grad)
+        return grad
+
+
+def all_reduce_with_grad(x):
+    """Sum of x over ranks, differentiable (for statistics of the global batch); x itself on one process."""
+    return AllReduceWithGrad.apply(x) if get_world_size() > 1 else x
+
+
+def print0(*args, **kwargs):
+    if get_rank() == 0:
+        print(*args, **kwargs, flush=True)
+# --- end shared: distributed ---
+
+
+# ---------------------------------------------------------------------------------------------------
+# Training
+
+
+# --- shared: training ---
+GPU_PEAK_TFLOPS = {"H100": 989, "H200": 989, "A100": 312, "L40S": 362, "A10G": 70, "L4": 121, "V100": 125}  # dense bf16/fp16
+DEFAULT_STEPS = 600
+
+
+def main(args):
+    """Single process (`python X.py`) or one of several (`torchrun`): set up, train, always tear down."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda":
+        device = torch.device("cuda", local_rank if device.index is None else device.index)
+        torch.cuda.set_device(device)
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    if world_size > 1:
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", device_id=device if device.type == "cuda" else None)
+    try:
+        return train(args, device, rank, world_size)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def resolve_resume(args):
+    """--resume -> the checkpoint path to load, or None. A path that does not exist is an error."""
+    if args.resume is None:
+        return None
+    if args.resume == "auto":
+        path = os.path.join(args.out_dir, "ckpt.pt")
+        return path if os.path.exists(path) else None
+    if not os.path.isfile(args.resume):
+        raise SystemExit(f"--resume {args.resume}: no such checkpoint file")
+    return args.resume
+
+
+def load_checkpoint(path, args):
+    """Load with weights_only=True (no pickled code runs) and check it belongs to this method and preset."""
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise SystemExit(f"{path}: not a loadable checkpoint ({type(e).__name__}: {str(e).splitlines()[0]})")
+    if not isinstance(ckpt, dict) or "method" not in ckpt or "model" not in ckpt:
+        raise SystemExit(f"{path}: not a checkpoint of these scripts")
+    if ckpt["method"] != METHOD:
+        raise SystemExit(f"{path}: a {ckpt['method']}.py checkpoint cannot resume {METHOD}.py")
+    if ckpt["args"]["model"] != args.model:
+        raise SystemExit(f"{path}: model preset {ckpt['args']['model']!r}, but --model is {args.model!r}")
+    return ckpt
+
+
+def save_checkpoint(path, state):
+    """Write to a temporary file, flush it to disk, then rename: a crash never leaves a half-written ckpt."""
+    tmp = path + ".tmp"
+    with open(tmp, "wb") as f:
+        torch.save(state, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def rng_state(device):
+    return {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
+
+
+def all_gather_object(obj):
+    if get_world_size() == 1:
+        return [obj]
+    out = [None] * get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def log(record, args):
+    """Rank 0: print one line and append the record to OUT_DIR/log.jsonl."""
+    if get_rank() != 0:
+        return
+    print(" | ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items()), flush=True)
+    with open(os.path.join(args.out_dir, "log.jsonl"), "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def evaluate(raw_model, args, device, autocast):
+    """Zero-shot top-1 of every head of the model on the held-out set, sharded over ranks."""
+    if args.eval_dataset == "none":
+        return {}
+    raw_model.eval()
+    dataset, classnames, templates = eval_zeroshot.synthetic_eval_set(PRESETS[args.model]["image_size"], args.seed)
+    dataset = torch.utils.data.Subset(dataset, range(min(args.eval_samples, len(dataset))))
+    results = eval_zeroshot.zeroshot_classify(
+        raw_model.zeroshot_heads(), dataset, classnames, templates, PRESETS[args.model]["context_length"], device,
+        autocast=autocast, rank=get_rank(), world_size=get_world_size())
+    raw_model.train()
+    record = {}
+    for i, (head, metrics) in enumerate(results.items()):
+        record["zeroshot_top1" if i == 0 else f"zeroshot_top1_{head}"] = metrics["top1"]
+    record["zeroshot_head"] = next(iter(results))
+    return record
+
+
+def train(args, device, rank, world_size):
+    cuda = device.type == "cuda"
+    precision = args.precision or ("bf16" if cuda and torch.cuda.is_bf16_supported() else "fp16" if cuda else "fp32")
+    autocast = (torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
+                if precision != "fp32" else nullcontext())
+    workers = args.workers if args.workers is not None else max(0, min(8, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", "1")) - 1))
+    ckpt_path = resolve_resume(args)
+    if rank == 0:
+        os.makedirs(args.out_dir, exist_ok=True)
+
+    # Model, optimizer. The same seed on every rank gives the same initial weights.
+    torch.manual_seed(args.seed)
+    raw_model = build_model(args).to(device)
+    for tower in (raw_model.visual, raw_model.text):
+        tower.transformer.grad_checkpointing = args.grad_checkpointing
+    decay = [p for p in raw_model.parameters() if p.requires_grad and p.ndim >= 2]
+    no_decay = [p for p in raw_model.parameters() if p.requires_grad and p.ndim < 2]  # gains, biases, temperatures
+    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": args.wd}, {"params": no_decay, "weight_decay": 0.0}],
+                                  lr=args.lr, betas=tuple(args.betas), eps=1e-6, fused=True)
+    # A GradScaler in every precision: for fp16 it is the dynamic loss scale; in all precisions it checks
+    # the gradients for inf/NaN and, with the fused AdamW, skips such a step on the device without a sync.
+    scaler = torch.amp.GradScaler(device.type, init_scale=2.0**16 if precision == "fp16" else 1.0)
+    torch.manual_seed(args.seed + rank)  # dropout and other model randomness differ per rank
+
+    # Resume: weights, optimizer, loss scale, step, random state and data position.
+    start_step, data_state = 0, None
+    if ckpt_path:
+        ckpt = load_checkpoint(ckpt_path, args)
+        raw_model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scaler.load_state_dict(ckpt["scaler"])
+        start_step = ckpt["step"]
+        if len(ckpt["rng"]) == world_size:
+            torch.set_rng_state(ckpt["rng"][rank]["cpu"])
+            if cuda and ckpt["rng"][rank]["cuda"] is not None:
+                torch.cuda.set_rng_state(ckpt["rng"][rank]["cuda"], device)
+            data_state = ckpt["data"][rank]
+        print0(f"resumed from {ckpt_path} at step {start_step}")
+        del ckpt
+
+    image_views, text_views = train_views(args)
+    loader = data.build_loader(
+        args.data, args.batch_size, image_views, text_views, rank=rank, world_size=world_size, workers=workers,
+        seed=args.seed, context_length=PRESETS[args.model]["context_length"], image_size=PRESETS[args.model]["image_size"],
+        start_step=start_step, state=data_state, pin_memory=cuda, csv_img_key=args.csv_img_key,
+        csv_caption_key=args.csv_caption_key, csv_separator=args.csv_separator, num_samples=args.train_num_samples)
+    total_steps = args.steps or (math.ceil(args.epochs * loader.steps_per_epoch) if args.epochs else DEFAULT_STEPS)
+
+    model = DDP(raw_model, device_ids=[device.index] if cuda else None) if world_size > 1 else raw_model
+    if args.compile:
+        model = torch.compile(model)
+    peak_tflops = args.peak_tflops or (next((v for k, v in GPU_PEAK_TFLOPS.items() if k in torch.cuda.get_device_name(device)), None) if cuda else None)
+    if rank == 0:
+        with open(os.path.join(args.out_dir, "run.json"), "w") as f:
+            json.dump({"method": METHOD, "args": vars(args), "world_size": world_size, "precision": precision,
+                       "total_steps": total_steps, "steps_per_epoch": loader.steps_per_epoch, "torch": torch.__version__,
+                       "python": platform.python_version(), "device": torch.cuda.get_device_name(device) if cuda else platform.processor() or "cpu",
+                       "parameters": sum(p.numel() for p in raw_model.parameters())}, f, indent=1)
+    print0(f"{METHOD}: {args.model} on {args.data}, {world_size} x {args.batch_size} per step, {total_steps} steps, "
+           f"{precision} on {device.type}, {workers} loader workers per rank")
+
+    def lr_at(step):  # linear warm-up, then cosine decay to 0
+        if step < args.warmup:
+            return args.lr * (step + 1) / args.warmup
+        return args.lr * 0.5 * (1 + math.cos(math.pi * (step - args.warmup) / max(1, total_steps - args.warmup)))
+
+    def checkpoint_state(step):
+        return {"method": METHOD, "args": vars(args), "step": step, "model": raw_model.state_dict(),
+                "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
+                "rng": all_gather_object(rng_state(device)), "data": all_gather_object(loader.state_dict())}
+
+    batches = iter(loader)
+    sums, n_sum, bad_in_a_row = {}, 0, torch.zeros((), device=device)
+    bad_total, data_time, t_log = torch.zeros((), device=device), 0.0, time.time()
+    for step in range(start_step, total_steps):
+        t_data = time.time()
+        images, tokens = next(batches)
+        images, tokens = images.to(device, non_blocking=True), tokens.to(device, non_blocking=True)
+        data_time += time.time() - t_data
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(step)
+
+        with autocast:
+            out = model(images, tokens)
+        loss, logs = compute_loss(out, args)  # outside autocast: the loss runs in fp32
+        scaler.scale(loss).backward()
+        scaler.unscale_(optimizer)
+        if args.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(raw_model.parameters(), args.grad_clip)
+        scaler.step(optimizer)  # skipped when a gradient is inf/NaN
+        scaler.update(None if precision == "fp16" else 1.0)  # only fp16 needs a loss scale other than 1
+        optimizer.zero_grad(set_to_none=True)
+        raw_model.after_step()
+
+        finite = torch.isfinite(loss.detach())  # counted on the device: no host sync outside log steps
+        bad_in_a_row = (bad_in_a_row + 1) * ~finite
+        bad_total += ~finite
+        for k, v in {"loss": loss.detach(), **logs}.items():
+            sums[k] = sums.get(k, 0.0) + torch.where(finite, v.float(), 0.0)
+        n_sum += 1
+
+        done = step + 1
+        if done % args.log_every == 0 or done == total_steps:
+            keys = list(sums)
+            totals = torch.stack([sums[k] for k in keys] + [bad_total, torch.tensor(float(loader.skipped), device=device)])
+            if world_size > 1:
+                dist.all_reduce(totals)
+            totals, elapsed = totals.tolist(), time.time() - t_log
+            good = max(1, n_sum * world_size - int(totals[-2]))
+            samples_per_s = n_sum * args.batch_size / elapsed
+            record = {"step": done, **{k: totals[i] / good for i, k in enumerate(keys)}, "lr": lr_at(step),
+                      "samples_per_s_per_gpu": samples_per_s, "data_time": data_time / n_sum,
+                      "mfu": raw_model.flops_per_sample() * samples_per_s / (peak_tflops * 1e12) if peak_tflops else None,
+                      "peak_mem_gb": (torch.cuda.max_memory_allocated(device) if cuda else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / 2**30,
+                      "skipped_samples": int(totals[-1]), "nonfinite_steps": int(totals[-2])}
+            log(record, args)
+            sums, n_sum, bad_total, data_time, t_log = {}, 0, torch.zeros((), device=device), 0.0, time.time()
+            if int(bad_in_a_row) >= args.max_bad_steps:
+                state = checkpoint_state(done)
+                if rank == 0:
+                    save_checkpoint(os.path.join(args.out_dir, "ckpt.pt"), state)
+                raise SystemExit(f"{args.max_bad_steps} steps in a row had a non-finite loss; stopped at step {done} "
+                                 f"with the last good weights saved in {args.out_dir}/ckpt.pt (lower --lr or use --grad-clip)")
+        if (args.save_every and done % args.save_every == 0) or done == total_steps:
+            state = checkpoint_state(done)
+            if rank == 0:
+                save_checkpoint(os.path.join(args.out_dir, "ckpt.pt"), state)
+        if args.eval_every and done % args.eval_every == 0 and done != total_steps:
+            log({"step": done, **evaluate(raw_model, args, device, autocast)}, args)
+
+    result = {"step": total_steps, **evaluate(raw_model, args, device, autocast)}
+    log(result, args)
+    return result
+# --- end shared: training ---
+
+
+if __name__ == "__main__":
+    main(parse_args())
