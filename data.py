@@ -490,6 +490,29 @@ def source_kind(spec):
     return "tar"
 
 
+class TarProbe:
+    """The first samples of the first shards as an indexable source, for `preflight`."""
+
+    def __init__(self, urls, n=32):
+        self.samples = []
+        for url in urls:
+            try:
+                for key, files in tar_samples(url):
+                    self.samples.append(files)
+                    if len(self.samples) >= n:
+                        return
+            except (OSError, tarfile.TarError, EOFError) as e:
+                self.samples.append(e)  # an unreadable shard counts as one bad sample
+
+    def __len__(self):
+        return len(self.samples)
+
+    def __getitem__(self, index):
+        if isinstance(self.samples[index], Exception):
+            raise self.samples[index]
+        return decode_tar_sample(self.samples[index])
+
+
 def preflight(source, n=32, what="data"):
     """Read a few samples in the main process before training: a source where most fail stops here."""
     indices = random.Random(0).sample(range(len(source)), min(n, len(source)))
@@ -518,6 +541,7 @@ def build_loader(spec, batch_size, image_views, text_views, *, rank=0, world_siz
             raise FileNotFoundError(f"--data {spec}: none of the {len(urls)} shards exists (first: {urls[0]})")
         if len(present) < len(urls):
             print(f"[data] {len(urls) - len(present)} of {len(urls)} shards are missing; they are skipped", file=sys.stderr)
+        preflight(TarProbe(present), what=f"--data {spec}")
         dataset = TarShards(present, image_views, text_views, context_length, seed, rank, world_size, workers,
                             start_step=start_step, state={int(k): tuple(v) for k, v in (state or {}).get("streams", {}).items()})
         num_samples = num_samples or count_tar_samples(present)

@@ -46,7 +46,6 @@ import os
 import platform
 import resource
 import signal
-import sys
 import time
 from contextlib import nullcontext
 
@@ -135,6 +134,26 @@ def common_args(parser):
                    help="zero-shot evaluation set: the held-out synthetic split, or none")
     g.add_argument("--eval-samples", type=int, default=2048, help="held-out synthetic images to evaluate on")
     return parser
+
+
+def check_common_args(args, parser):
+    """Refuse impossible values before any work, naming the flag."""
+    for flag, low in (("batch_size", 1), ("steps", 1), ("log_every", 1), ("save_every", 0), ("eval_every", 0),
+                      ("warmup", 0), ("workers", 0), ("eval_samples", 1), ("max_bad_steps", 1), ("train_num_samples", 1)):
+        if getattr(args, flag) is not None and getattr(args, flag) < low:
+            parser.error(f"--{flag.replace('_', '-')} must be at least {low}, got {getattr(args, flag)}")
+    for flag in ("lr", "epochs", "peak_tflops"):
+        if getattr(args, flag) is not None and not getattr(args, flag) > 0:
+            parser.error(f"--{flag.replace('_', '-')} must be positive, got {getattr(args, flag)}")
+    if args.wd < 0 or args.grad_clip < 0:
+        parser.error("--wd and --grad-clip must be >= 0")
+    if data.source_kind(args.data) == "csv" and not os.path.isfile(args.data):
+        parser.error(f"--data {args.data}: no such file")
+    if data.source_kind(args.data) == "tar" and not any(os.path.exists(u) for u in data.expand_braces(args.data)):
+        parser.error(f"--data {args.data}: no shard of this pattern exists")
+    if args.resume not in (None, "auto") and not os.path.isfile(args.resume):
+        parser.error(f"--resume {args.resume}: no such checkpoint file (use --resume auto to continue OUT_DIR/ckpt.pt if it exists)")
+    return args
 # --- end shared: config ---
 
 
@@ -174,7 +193,7 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     common_args(parser)
     nclip_args(parser.add_argument_group("nCLIP (Zhou et al. 2023; head and regulariser reconstructed)"))
-    return resolve_nclip_args(parser.parse_args(argv))
+    return resolve_nclip_args(check_common_args(parser.parse_args(argv), parser))
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -456,9 +475,9 @@ class GatherWithGrad(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x):  # [b, D]
-        out = x.new_empty((get_world_size() * x.shape[0],) + x.shape[1:])  # [N, D]
-        dist.all_gather_into_tensor(out, x.contiguous())
-        return out
+        parts = [torch.empty_like(x) for _ in range(get_world_size())]  # world x [b, D]
+        dist.all_gather(parts, x.contiguous())
+        return torch.cat(parts)  # [N, D]
 
     @staticmethod
     def backward(ctx, grad):  # [N, D]
@@ -520,23 +539,38 @@ def main(args):
         torch.cuda.set_device(device)
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     if world_size > 1:
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", device_id=device if device.type == "cuda" else None)
+        # A store prefix per torchrun attempt (--max-restarts): without it a restarted rank can read the address
+        # of a rank of the failed attempt and fail to connect (seen with gloo on torch 2.14).
+        store, _, _ = next(dist.rendezvous("env://"))
+        store = dist.PrefixStore(f"attempt{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", store=store, rank=rank, world_size=world_size,
+                                device_id=device if device.type == "cuda" else None)
+    # SIGTERM (a scheduler's kill) and SIGUSR1 (SLURM's warning before preemption) only raise a flag: the run
+    # saves a checkpoint at the next step boundary and exits 0; `--resume auto` continues it. A second signal
+    # while that is under way ends the process at once.
+    stop = {}
+
+    def handler(signum, frame):
+        if "signal" in stop:
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+        stop["signal"] = signal.Signals(signum).name
+
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGUSR1)}
     try:
-        return train(args, device, rank, world_size)
+        return train(args, device, rank, world_size, stop)
     finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
         if dist.is_initialized():
             dist.destroy_process_group()
 
 
 def resolve_resume(args):
-    """--resume -> the checkpoint path to load, or None. A path that does not exist is an error."""
-    if args.resume is None:
-        return None
+    """--resume -> the checkpoint path to load, or None (auto, and no checkpoint yet)."""
     if args.resume == "auto":
         path = os.path.join(args.out_dir, "ckpt.pt")
         return path if os.path.exists(path) else None
-    if not os.path.isfile(args.resume):
-        raise SystemExit(f"--resume {args.resume}: no such checkpoint file")
     return args.resume
 
 
@@ -604,7 +638,7 @@ def evaluate(raw_model, args, device, autocast):
     return record
 
 
-def train(args, device, rank, world_size):
+def train(args, device, rank, world_size, stop):
     cuda = device.type == "cuda"
     precision = args.precision or ("bf16" if cuda and torch.cuda.is_bf16_supported() else "fp16" if cuda else "fp32")
     autocast = (torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
@@ -675,6 +709,8 @@ def train(args, device, rank, world_size):
                 "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
                 "rng": all_gather_object(rng_state(device)), "data": all_gather_object(loader.state_dict())}
 
+    # The ranks agree every step on whether to stop, through a gloo group: a CPU collective, no GPU sync.
+    control = dist.new_group(backend="gloo") if world_size > 1 and dist.get_backend() != "gloo" else None
     batches = iter(loader)
     sums, n_sum, bad_in_a_row = {}, 0, torch.zeros((), device=device)
     bad_total, data_time, t_log = torch.zeros((), device=device), 0.0, time.time()
@@ -727,15 +763,24 @@ def train(args, device, rank, world_size):
                     save_checkpoint(os.path.join(args.out_dir, "ckpt.pt"), state)
                 raise SystemExit(f"{args.max_bad_steps} steps in a row had a non-finite loss; stopped at step {done} "
                                  f"with the last good weights saved in {args.out_dir}/ckpt.pt (lower --lr or use --grad-clip)")
-        if (args.save_every and done % args.save_every == 0) or done == total_steps:
+        stopping = torch.tensor(int("signal" in stop))
+        if world_size > 1:
+            dist.all_reduce(stopping, op=dist.ReduceOp.MAX, group=control)
+        if (args.save_every and done % args.save_every == 0) or done == total_steps or stopping:
             state = checkpoint_state(done)
             if rank == 0:
                 save_checkpoint(os.path.join(args.out_dir, "ckpt.pt"), state)
+        if stopping and done < total_steps:
+            log({"step": done, "stopped_by": stop.get("signal", "another rank's signal")}, args)
+            print0(f"stopped by a signal at step {done} of {total_steps}; {args.out_dir}/ckpt.pt holds it: "
+                   f"run the same command with --resume auto to continue")
+            return {"step": done, "stopped": True}
         if args.eval_every and done % args.eval_every == 0 and done != total_steps:
             log({"step": done, **evaluate(raw_model, args, device, autocast)}, args)
 
     result = {"step": total_steps, **evaluate(raw_model, args, device, autocast)}
-    log(result, args)
+    if len(result) > 1:  # the run's last log line is its final evaluation (unless --eval-dataset none)
+        log(result, args)
     return result
 # --- end shared: training ---
 

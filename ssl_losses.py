@@ -36,9 +36,9 @@ class _GatherWithGrad(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x):  # [b, D]
-        out = x.new_empty((_world_size() * x.shape[0],) + x.shape[1:])  # [N, D]
-        dist.all_gather_into_tensor(out, x.contiguous())
-        return out
+        parts = [torch.empty_like(x) for _ in range(_world_size())]  # world x [b, D]
+        dist.all_gather(parts, x.contiguous())
+        return torch.cat(parts)  # [N, D]
 
     @staticmethod
     def backward(ctx, grad):  # [N, D]

@@ -1,0 +1,225 @@
+"""Fault injection: SIGKILL and resume, SIGTERM/SIGUSR1 preemption, a kill during a checkpoint write,
+non-finite steps, bad flags, and a torchrun elastic restart. Every test kills or corrupts something and
+checks that no work beyond the last checkpoint is lost and that nothing is lost at all where promised."""
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+import clip
+import data
+from test_data import write_shards
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PY = sys.executable
+COMPUTE_LOSS = clip.compute_loss
+
+
+def command(out_dir, *extra, script="clip.py"):
+    return [PY, os.path.join(ROOT, script), "--out-dir", str(out_dir), "--eval-samples", "64", "--log-every", "1",
+            "--warmup", "3", *extra]
+
+
+def run(cmd, **kw):
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=300, **kw)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    return out
+
+
+def wait_for_step(out_dir, step, process, timeout=120):
+    """Poll the run's log until a training line with at least `step` appears."""
+    path, start = os.path.join(out_dir, "log.jsonl"), time.time()
+    while time.time() - start < timeout:
+        assert process.poll() is None, "the run ended before the fault could be injected"
+        if os.path.exists(path):
+            with open(path) as f:
+                steps = [json.loads(line).get("step", 0) for line in f if '"loss"' in line]
+            if steps and max(steps) >= step:
+                return max(steps)
+        time.sleep(0.02)
+    raise TimeoutError(step)
+
+
+def model_of(out_dir):
+    return torch.load(os.path.join(out_dir, "ckpt.pt"), weights_only=True)["model"]
+
+
+def assert_same(a, b):
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def csv_source(root, n=160):
+    os.makedirs(os.path.join(root, "img"), exist_ok=True)
+    source, rows = data.SyntheticPairs("train", 32), ["filepath,caption"]
+    for i in range(n):
+        image, caption, _ = source[i]
+        image.save(os.path.join(root, "img", f"{i}.png"))
+        rows.append(f"img/{i}.png,{caption}")
+    with open(os.path.join(root, "pairs.csv"), "w") as f:
+        f.write("\n".join(rows) + "\n")
+    return os.path.join(root, "pairs.csv")
+
+
+@pytest.mark.parametrize("source", ["synthetic", "csv", "tar"])
+def test_sigkill_at_a_random_step_then_resume_equals_an_uninterrupted_run(tmp_path, source):
+    if source == "csv":
+        spec, workers = csv_source(str(tmp_path / "csv")), "1"
+    elif source == "tar":
+        os.makedirs(tmp_path / "tar")
+        write_shards(str(tmp_path / "tar"), n_shards=4, per_shard=60)
+        spec, workers = str(tmp_path / "tar" / "{00000..00003}.tar"), "2"
+    else:
+        spec, workers = "synthetic", "1"
+    args = ["--data", spec, "--workers", workers, "--steps", "24", "--batch-size", "16", "--save-every", "3"]
+    run(command(tmp_path / "straight", *args))
+    killed = subprocess.Popen(command(tmp_path / "killed", *args), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    wait_for_step(tmp_path / "killed", random.randint(4, 18), killed)
+    killed.kill()  # SIGKILL: no handler runs
+    assert killed.wait() == -signal.SIGKILL
+    run(command(tmp_path / "killed", *args, "--resume", "auto"))
+    assert_same(model_of(tmp_path / "straight"), model_of(tmp_path / "killed"))
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1])
+def test_a_preemption_signal_saves_at_the_next_step_and_exits_zero(tmp_path, sig):
+    args = ["--steps", "400", "--batch-size", "16", "--save-every", "1000", "--workers", "0"]
+    process = subprocess.Popen(command(tmp_path / "run", *args), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    wait_for_step(tmp_path / "run", 3, process)
+    process.send_signal(sig)
+    stdout, _ = process.communicate(timeout=120)
+    assert process.returncode == 0 and "--resume auto" in stdout
+    with open(tmp_path / "run" / "log.jsonl") as f:
+        last = json.loads(f.readlines()[-1])
+    assert last["stopped_by"] == sig.name
+    ckpt = torch.load(tmp_path / "run" / "ckpt.pt", weights_only=True)
+    assert 3 <= ckpt["step"] == last["step"] < 400  # saved at the step it stopped, not at a --save-every step
+
+
+def test_sigusr1_to_one_torchrun_rank_stops_every_rank_at_the_same_step(tmp_path):
+    args = ["--steps", "400", "--batch-size", "8", "--save-every", "1000", "--workers", "0"]
+    cmd = [PY, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"] + command(tmp_path / "run", *args)[1:]
+    process = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    wait_for_step(tmp_path / "run", 3, process)
+    workers = [p for p in children(process.pid) if "clip.py" in open(f"/proc/{p}/cmdline").read()]
+    assert len(workers) == 2
+    os.kill(workers[1], signal.SIGUSR1)  # only one rank gets the signal
+    stdout, stderr = process.communicate(timeout=120)
+    assert process.returncode == 0, stderr[-2000:]
+    ckpt = torch.load(tmp_path / "run" / "ckpt.pt", weights_only=True)
+    assert len(ckpt["rng"]) == 2 and ckpt["step"] < 400  # both ranks contributed to the checkpoint of one step
+
+
+def children(pid):
+    """All descendants of a process, from /proc."""
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        for task in os.listdir(f"/proc/{p}/task"):
+            with open(f"/proc/{p}/task/{task}/children") as f:
+                kids = [int(k) for k in f.read().split()]
+            out += kids
+            todo += kids
+    return out
+
+
+def test_a_kill_during_a_checkpoint_write_leaves_the_previous_checkpoint(tmp_path):
+    script = (
+        "import sys, torch; sys.path.insert(0, %r)\n"
+        "import clip\n"
+        "clip.save_checkpoint(%r, {'step': 1, 'model': {'w': torch.ones(3)}})\n"
+        "print('first saved', flush=True)\n"
+        "clip.save_checkpoint(%r, {'step': 2, 'model': {'w': torch.zeros(400_000_000 // 4 * 4)}})\n"
+    ) % (ROOT, str(tmp_path / "ckpt.pt"), str(tmp_path / "ckpt.pt"))
+    process = subprocess.Popen([PY, "-c", script], stdout=subprocess.PIPE, text=True)
+    assert process.stdout.readline().strip() == "first saved"
+    tmp = tmp_path / "ckpt.pt.tmp"
+    start = time.time()
+    while not (tmp.exists() and tmp.stat().st_size > 0) and time.time() - start < 60:
+        time.sleep(0.001)
+    process.kill()
+    process.wait()
+    assert tmp.exists()  # the kill hit the write
+    ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=True)
+    assert ckpt["step"] == 1 and torch.equal(ckpt["model"]["w"], torch.ones(3))
+
+
+def nan_on(calls):
+    """A compute_loss that returns NaN on the given (1-based) calls."""
+    original, count = COMPUTE_LOSS, {"n": 0}
+
+    def compute_loss(out, args):
+        count["n"] += 1
+        loss, logs = original(out, args)
+        return (loss * float("nan") if count["n"] in calls else loss), logs
+    return compute_loss
+
+
+def test_non_finite_steps_are_skipped_counted_and_stop_the_run(tmp_path, monkeypatch):
+    common = ["--steps", "8", "--batch-size", "8", "--workers", "0", "--eval-samples", "64", "--log-every", "1", "--warmup", "2"]
+    monkeypatch.setattr(clip, "compute_loss", nan_on({3, 4}))
+    clip.main(clip.parse_args(common + ["--out-dir", str(tmp_path / "skip")]))
+    with open(tmp_path / "skip" / "log.jsonl") as f:
+        log = [json.loads(line) for line in f]
+    assert [r["nonfinite_steps"] for r in log if "loss" in r] == [0, 0, 1, 1, 0, 0, 0, 0]
+    optimizer = torch.load(tmp_path / "skip" / "ckpt.pt", weights_only=True)["optimizer"]
+    assert all(int(s["step"]) == 6 for s in optimizer["state"].values())  # 8 steps, 2 of them skipped
+
+    saved = []
+    monkeypatch.setattr(clip, "compute_loss", nan_on(set(range(3, 100))))
+    monkeypatch.setattr(clip, "save_checkpoint", lambda path, state: saved.append((state["step"], {k: v.clone() for k, v in state["model"].items()})))
+    with pytest.raises(SystemExit, match="3 steps in a row had a non-finite loss"):
+        clip.main(clip.parse_args(common + ["--out-dir", str(tmp_path / "stop"), "--max-bad-steps", "3", "--save-every", "2"]))
+    (step_2, good), (stop_step, last) = saved[0], saved[-1]
+    assert step_2 == 2 and stop_step == 5
+    assert_same(good, last)  # the stop checkpoint holds the weights of the last good step
+
+
+def test_impossible_flags_fail_before_any_work_naming_the_flag(tmp_path, capsys):
+    cases = [(["--batch-size", "0"], "--batch-size"), (["--resume", str(tmp_path / "none.pt")], "--resume"),
+             (["--data", str(tmp_path / "none.csv")], "--data"), (["--data", str(tmp_path / "{0..3}.tar")], "--data"),
+             (["--model", "ViT-Z/3"], "--model"), (["--lr", "0"], "--lr"), (["--steps", "-1"], "--steps"),
+             (["--precision", "fp8"], "--precision"), (["--recipe", "basic", "--mlp-projector"], "--mlp-projector")]
+    for argv, flag in cases:
+        with pytest.raises(SystemExit) as e:
+            clip.parse_args(argv)
+        assert e.value.code == 2 and flag in capsys.readouterr().err, argv
+
+
+def test_a_mostly_unreadable_tar_source_stops_before_training(tmp_path):
+    import tarfile, io
+    with tarfile.open(tmp_path / "00000.tar", "w") as tar:
+        for i in range(10):
+            for name, payload in ((f"{i:05d}.jpg", b"not a jpeg"), (f"{i:05d}.txt", b"a caption")):
+                info = tarfile.TarInfo(name)
+                info.size = len(payload)
+                tar.addfile(info, io.BytesIO(payload))
+    out = subprocess.run(command(tmp_path / "run", "--data", str(tmp_path / "00000.tar"), "--workers", "0"),
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode != 0 and "10 of 10 probed samples are unreadable" in out.stderr
+    assert not os.path.exists(tmp_path / "run" / "log.jsonl")
+
+
+def test_torchrun_elastic_restart_resumes_from_the_last_checkpoint(tmp_path):
+    args = ["--steps", "16", "--batch-size", "8", "--save-every", "2", "--workers", "0", "--resume", "auto"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+    def torchrun(out_dir, restarts):
+        return [PY, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", f"--max-restarts={restarts}",
+                "--monitor-interval=0.2"] + command(out_dir, *args)[1:]
+
+    run(torchrun(tmp_path / "straight", 0), env=env)
+    process = subprocess.Popen(torchrun(tmp_path / "elastic", 1), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    wait_for_step(tmp_path / "elastic", 5, process)
+    workers = [p for p in children(process.pid) if "clip.py" in open(f"/proc/{p}/cmdline").read()]
+    os.kill(workers[-1], signal.SIGKILL)  # one worker dies; torchrun restarts both
+    stdout, stderr = process.communicate(timeout=240)
+    assert process.returncode == 0, stderr[-2000:]
+    assert "resumed from" in stdout
+    assert_same(model_of(tmp_path / "straight"), model_of(tmp_path / "elastic"))
