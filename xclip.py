@@ -682,18 +682,17 @@ def evaluate(raw_model, args, device, autocast):
     return record
 
 
-def train(args, device, rank, world_size, stop):
+def mixed_precision(args, device):
+    """-> (precision, autocast context): bf16 on GPUs that support it, fp16 on older GPUs, fp32 on CPU."""
     cuda = device.type == "cuda"
     precision = args.precision or ("bf16" if cuda and torch.cuda.is_bf16_supported() else "fp16" if cuda else "fp32")
-    autocast = (torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
-                if precision != "fp32" else nullcontext())
-    workers = args.workers if args.workers is not None else max(0, min(8, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", "1")) - 1))
-    ckpt_path = resolve_resume(args)
-    if rank == 0:
-        os.makedirs(args.out_dir, exist_ok=True)
+    if precision == "fp32":
+        return precision, nullcontext()
+    return precision, torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
 
-    # Model, optimizer. The same seed on every rank gives the same initial weights.
-    torch.manual_seed(args.seed)
+
+def build_training(args, device, precision):
+    """The model, AdamW (fused; no weight decay on gains, biases and temperatures) and the gradient scaler."""
     raw_model = build_model(args).to(device)
     for tower in (raw_model.visual, raw_model.text):
         tower.transformer.grad_checkpointing = args.grad_checkpointing
@@ -704,6 +703,37 @@ def train(args, device, rank, world_size, stop):
     # A GradScaler in every precision: for fp16 it is the dynamic loss scale; in all precisions it checks
     # the gradients for inf/NaN and, with the fused AdamW, skips such a step on the device without a sync.
     scaler = torch.amp.GradScaler(device.type, init_scale=2.0**16 if precision == "fp16" else 1.0)
+    return raw_model, optimizer, scaler
+
+
+def train_step(model, raw_model, optimizer, scaler, images, tokens, args, autocast, precision):
+    """One optimizer step (bench.py times this very function). -> (loss, logs), still on the device."""
+    with autocast:
+        out = model(images, tokens)
+    loss, logs = compute_loss(out, args)  # outside autocast: the loss runs in fp32
+    scaler.scale(loss).backward()
+    scaler.unscale_(optimizer)
+    if args.grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(raw_model.parameters(), args.grad_clip)
+    scaler.step(optimizer)  # skipped when a gradient is inf/NaN
+    scaler.update(None if precision == "fp16" else 1.0)  # only fp16 needs a loss scale other than 1
+    optimizer.zero_grad(set_to_none=True)
+    raw_model.after_step()
+    return loss, logs
+
+
+def train(args, device, rank, world_size, stop):
+    """Build, resume, loop (log, checkpoint, evaluate, stop on a signal), final evaluation -> its record."""
+    cuda = device.type == "cuda"
+    precision, autocast = mixed_precision(args, device)
+    workers = args.workers if args.workers is not None else max(0, min(8, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", "1")) - 1))
+    ckpt_path = resolve_resume(args)
+    if rank == 0:
+        os.makedirs(args.out_dir, exist_ok=True)
+
+    # Model, optimizer. The same seed on every rank gives the same initial weights.
+    torch.manual_seed(args.seed)
+    raw_model, optimizer, scaler = build_training(args, device, precision)
     torch.manual_seed(args.seed + rank)  # dropout and other model randomness differ per rank
 
     # Resume: weights, optimizer, loss scale, step, random state and data position.
@@ -719,6 +749,9 @@ def train(args, device, rank, world_size, stop):
             if cuda and ckpt["rng"][rank]["cuda"] is not None:
                 torch.cuda.set_rng_state(ckpt["rng"][rank]["cuda"], device)
             data_state = ckpt["data"][rank]
+        else:
+            print0(f"note: the checkpoint was written by {len(ckpt['rng'])} ranks, not {world_size}: random state and "
+                   f"tar-stream positions start afresh, so the run continues but not bit for bit")
         print0(f"resumed from {ckpt_path} at step {start_step}")
         del ckpt
 
@@ -766,17 +799,7 @@ def train(args, device, rank, world_size, stop):
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step)
 
-        with autocast:
-            out = model(images, tokens)
-        loss, logs = compute_loss(out, args)  # outside autocast: the loss runs in fp32
-        scaler.scale(loss).backward()
-        scaler.unscale_(optimizer)
-        if args.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(raw_model.parameters(), args.grad_clip)
-        scaler.step(optimizer)  # skipped when a gradient is inf/NaN
-        scaler.update(None if precision == "fp16" else 1.0)  # only fp16 needs a loss scale other than 1
-        optimizer.zero_grad(set_to_none=True)
-        raw_model.after_step()
+        loss, logs = train_step(model, raw_model, optimizer, scaler, images, tokens, args, autocast, precision)
 
         finite = torch.isfinite(loss.detach())  # counted on the device: no host sync outside log steps
         bad_in_a_row = (bad_in_a_row + 1) * ~finite

@@ -1,0 +1,247 @@
+"""Benchmark the training step of clip.py, nclip.py or xclip.py, optionally against OpenCLIP in the same run.
+
+It times the method file's own `train_step` (forward, loss, backward, optimizer) on random tensors, so no
+data loading is counted, and prints samples/s per process, MFU and peak memory for every configuration.
+
+  python bench.py                                            # tiny and ViT-B/32 (batch 16) on this machine
+  python bench.py --model ViT-B/16 --batch-size 256 --device cuda --compile --compare-openclip
+  python bench.py --method xclip --model tiny --batch-size 64 128 256
+  python bench.py --loader                                   # + the real loader; decode+augment images/s
+
+--compare-openclip builds OpenCLIP's CLIP with the same tower sizes, vocabulary and context length, and
+times its training step as its training script runs it (ClipLoss, AdamW without weight decay on gains and
+biases, the same precision), alternating with ours so that machine drift hits both; the last line is the
+median ratio of samples/s. OpenCLIP is needed only for this flag: `pip install open_clip_torch`.
+--loader also times the step with the real synthetic-data loader (data time per step), and decodes and
+augments 224 px JPEGs from a tar shard written to a temporary folder: images/s in one loader process.
+"""
+
+import argparse
+import importlib
+import io
+import os
+import statistics
+import tarfile
+import tempfile
+import time
+
+import torch
+
+import augment
+import data
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--method", default="clip", choices=["clip", "nclip", "xclip"])
+    p.add_argument("--model", nargs="+", default=None, help="presets to time (default: tiny and ViT-B/32)")
+    p.add_argument("--batch-size", type=int, nargs="+", default=None, help="per process (default: 256 for tiny, 16 otherwise)")
+    p.add_argument("--device", default=None, help="cuda, cpu (default: cuda if available)")
+    p.add_argument("--precision", default=None, choices=["bf16", "fp16", "fp32"], help="default: as the training scripts")
+    p.add_argument("--compile", action="store_true", help="torch.compile our model (and OpenCLIP's)")
+    p.add_argument("--grad-checkpointing", action="store_true")
+    p.add_argument("--steps", type=int, default=10, help="timed steps per measurement")
+    p.add_argument("--warmup", type=int, default=3, help="untimed steps before each measurement")
+    p.add_argument("--repeats", type=int, default=3, help="measurements per configuration (alternating with OpenCLIP)")
+    p.add_argument("--compare-openclip", action="store_true")
+    p.add_argument("--loader", action="store_true", help="also time with the real loader, and JPEG decode+augment")
+    p.add_argument("--extra", default="", help="more flags for the method file, e.g. '--recipe improved'")
+    return p.parse_args(argv)
+
+
+def synchronize(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def measure(step, batch, steps, warmup, device):
+    """samples/s of `step(batch)` over `steps` calls after `warmup` calls, and the peak GPU memory (GiB)."""
+    for _ in range(warmup):
+        step(batch)
+    synchronize(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    start = time.perf_counter()
+    for _ in range(steps):
+        step(batch)
+    synchronize(device)
+    elapsed = time.perf_counter() - start
+    peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+    return steps * len(batch[0]) / elapsed, peak
+
+
+def random_batch(preset, batch_size, device, views=1):
+    g = torch.Generator().manual_seed(0)
+    size, length = preset["image_size"], preset["context_length"]
+    images = torch.randint(0, 256, (batch_size, views, 3, size, size), dtype=torch.uint8, generator=g)
+    tokens = torch.randint(0, 50000, (batch_size, views, length), generator=g)
+    tokens[:, :, length // 2] = data.EOT_TOKEN
+    return images.to(device), tokens.to(device)
+
+
+def ours(method, preset, batch_size, device, args):
+    """Our train_step with the method file's own model, optimizer and scaler."""
+    module = importlib.import_module(method)
+    flags = ["--model", preset, "--device", device.type] + (["--precision", args.precision] if args.precision else [])
+    flags += (["--grad-checkpointing"] if args.grad_checkpointing else []) + args.extra.split()
+    train_args = module.parse_args(flags)
+    precision, autocast = module.mixed_precision(train_args, device)
+    raw_model, optimizer, scaler = module.build_training(train_args, device, precision)
+    model = torch.compile(raw_model) if args.compile else raw_model
+    image_views, text_views = module.train_views(train_args)
+    batch = random_batch(module.PRESETS[preset], batch_size, device, views=1)
+    batch = (batch[0].expand(-1, len(image_views), -1, -1, -1).contiguous(), batch[1].expand(-1, len(text_views), -1).contiguous())
+
+    def step(b):
+        module.train_step(model, raw_model, optimizer, scaler, b[0], b[1], train_args, autocast, precision)
+    return step, batch, raw_model.flops_per_sample(), precision, module, train_args
+
+
+def openclip(method_module, preset, batch_size, device, precision, args):
+    """OpenCLIP's CLIP with the same sizes, trained as open_clip_train does: ClipLoss, AdamW (foreach),
+    autocast, logit scale clamped after the step."""
+    import open_clip
+    from open_clip.loss import ClipLoss
+    from open_clip.model import CLIP, CLIPTextCfg, CLIPVisionCfg
+
+    cfg = method_module.PRESETS[preset]
+    model = CLIP(cfg["embed_dim"],
+                 CLIPVisionCfg(layers=cfg["vision_layers"], width=cfg["vision_width"], head_width=cfg["vision_width"] // cfg["vision_heads"],
+                               patch_size=cfg["patch_size"], image_size=cfg["image_size"]),
+                 CLIPTextCfg(context_length=cfg["context_length"], vocab_size=data.VOCAB_SIZE, width=cfg["text_width"],
+                             heads=cfg["text_heads"], layers=cfg["text_layers"]), output_dict=True).to(device)
+    model.set_grad_checkpointing(args.grad_checkpointing)
+    exclude = lambda n, p: p.ndim < 2 or "bn" in n or "ln" in n or "bias" in n or "logit_scale" in n
+    named = list(model.named_parameters())
+    optimizer = torch.optim.AdamW([{"params": [p for n, p in named if exclude(n, p)], "weight_decay": 0.0},
+                                   {"params": [p for n, p in named if not exclude(n, p)], "weight_decay": 0.2}],
+                                  lr=5e-4, betas=(0.9, 0.98), eps=1e-6)
+    scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
+    autocast = (torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
+                if precision != "fp32" else torch.autocast(device.type, enabled=False))
+    loss_fn, compiled = ClipLoss(), torch.compile(model) if args.compile else model
+    g = torch.Generator().manual_seed(0)
+    images = torch.randn(batch_size, 3, cfg["image_size"], cfg["image_size"], generator=g).to(device)
+    tokens = torch.randint(0, 50000, (batch_size, cfg["context_length"]), generator=g)
+    tokens[:, cfg["context_length"] // 2] = data.EOT_TOKEN  # the largest id: OpenCLIP pools at argmax
+    batch = (images, tokens.to(device))
+
+    def step(b):
+        with autocast:
+            out = compiled(b[0], b[1])
+            loss = loss_fn(out["image_features"], out["text_features"], out["logit_scale"])
+        (scaler.scale(loss) if scaler else loss).backward()
+        if scaler:
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        with torch.no_grad():
+            model.logit_scale.clamp_(0, 4.6052)
+    return step, batch, open_clip.__version__
+
+
+def peak_tflops(device, precision):
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    dense = next((v for k, v in {"H100": 989, "H200": 989, "A100": 312, "L40S": 362, "L4": 121, "V100": 125}.items() if k in name), None)
+    return dense / 2 if dense and precision == "fp32" else dense  # fp32 runs as TF32: half the bf16 peak
+
+
+def jpeg_shard(path, n=256, size=(320, 256)):
+    """A tar shard of n JPEG photos-like images (synthetic shapes + noise) with captions."""
+    source = data.SyntheticPairs("train", max(size))
+    with tarfile.open(path, "w") as tar:
+        for i in range(n):
+            image, caption, _ = source[i]
+            image = image.resize(size).effect_spread(4)
+            buffer = io.BytesIO()
+            image.save(buffer, format="JPEG", quality=90)
+            for name, payload in ((f"{i:06d}.jpg", buffer.getvalue()), (f"{i:06d}.txt", caption.encode())):
+                info = tarfile.TarInfo(name)
+                info.size = len(payload)
+                tar.addfile(info, io.BytesIO(payload))
+
+
+def decode_bench(size=224):
+    """Images/s of one loader process reading, decoding and augmenting JPEGs from a tar shard."""
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "00000.tar")
+        jpeg_shard(path)
+        for name, views in (("CLIP view", [augment.CLIPView(size)]),
+                            ("weak + 2 strong (improved recipe)", [augment.CLIPView(size, (0.5, 1))] + [augment.StrongView(size)] * 2)):
+            text_views = [augment.TextView(0.8)] + [augment.TextView(0.8, eda=True)] * (len(views) - 1)
+            stream = data.TarShards([path], views, text_views, epochs=2)
+            start, n = time.perf_counter(), 0
+            for _ in stream:
+                n += 1
+            rows.append((name, n / (time.perf_counter() - start)))
+    return rows
+
+
+def main(args):
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    presets = args.model or ["tiny", "ViT-B/32"]
+    print(f"bench: {args.method}.py on {torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'} "
+          f"({os.cpu_count()} CPUs, {torch.get_num_threads()} threads), torch {torch.__version__}, {args.steps} steps x {args.repeats}")
+    print(f"{'model':<10}{'batch':>6}{'precision':>10}{'ours/s':>10}{'MFU':>7}{'mem GiB':>9}{'openclip/s':>12}{'mem GiB':>9}{'ratio':>7}")
+    ratios = []
+    for preset in presets:
+        for batch_size in args.batch_size or [256 if preset == "tiny" else 16]:
+            step, batch, flops, precision, module, train_args = ours(args.method, preset, batch_size, device, args)
+            other = openclip(module, preset, batch_size, device, precision, args) if args.compare_openclip else None
+            mine, theirs, mem, their_mem = [], [], None, None
+            for _ in range(args.repeats):  # alternate, so that drift of the machine hits both alike
+                rate, mem = measure(step, batch, args.steps, args.warmup, device)
+                mine.append(rate)
+                if other:
+                    rate, their_mem = measure(other[0], other[1], args.steps, args.warmup, device)
+                    theirs.append(rate)
+            peak = peak_tflops(device, precision)
+            mfu = f"{flops * statistics.median(mine) / (peak * 1e12):.1%}" if peak else "-"
+            row = f"{preset:<10}{batch_size:>6}{precision:>10}{statistics.median(mine):>10.1f}{mfu:>7}{mem if mem is not None else '-':>9}"
+            if other:
+                ratio = statistics.median(a / b for a, b in zip(mine, theirs))
+                ratios.append(ratio)
+                row += f"{statistics.median(theirs):>12.1f}{their_mem if their_mem is not None else '-':>9}{ratio:>7.2f}"
+            print(row, flush=True)
+            del step, batch, other
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+    if args.loader:
+        preset = presets[0]
+        train_args = importlib.import_module(args.method).parse_args(["--model", preset])
+        module = importlib.import_module(args.method)
+        batch_size = (args.batch_size or [256 if preset == "tiny" else 16])[0]
+        precision, autocast = module.mixed_precision(train_args, device)
+        raw_model, optimizer, scaler = module.build_training(train_args, device, precision)
+        loader = iter(data.build_loader("synthetic", batch_size, *module.train_views(train_args), workers=max(0, (os.cpu_count() or 1) - 1),
+                                        context_length=module.PRESETS[preset]["context_length"], image_size=module.PRESETS[preset]["image_size"],
+                                        pin_memory=device.type == "cuda"))
+        waited, start = 0.0, None
+        for i in range(args.warmup + args.steps):
+            if i == args.warmup:
+                synchronize(device)
+                start, waited = time.perf_counter(), 0.0
+            t = time.perf_counter()
+            images, tokens = next(loader)
+            images, tokens = images.to(device, non_blocking=True), tokens.to(device, non_blocking=True)
+            waited += time.perf_counter() - t
+            module.train_step(raw_model, raw_model, optimizer, scaler, images, tokens, train_args, autocast, precision)
+        synchronize(device)
+        elapsed = time.perf_counter() - start
+        print(f"with the real loader ({preset}, synthetic data, batch {batch_size}): {args.steps * batch_size / elapsed:.1f} samples/s, "
+              f"data time {waited / args.steps * 1000:.1f} ms/step ({waited / elapsed:.0%} of the step)")
+        for name, rate in decode_bench():
+            print(f"decode + augment, 224 px JPEG from a tar shard, one process: {rate:.0f} samples/s ({name})")
+    if ratios:
+        print(f"ratio ours/openclip: {statistics.median(ratios):.2f}")
+
+
+if __name__ == "__main__":
+    main(parse_args())
