@@ -13,7 +13,8 @@ times its training step as its training script runs it (ClipLoss, AdamW without 
 biases, the same precision), alternating with ours so that machine drift hits both; the last line is the
 median ratio of samples/s. OpenCLIP is needed only for this flag: `pip install open_clip_torch`.
 --loader also times the step with the real synthetic-data loader (data time per step), and decodes and
-augments 224 px JPEGs from a tar shard written to a temporary folder: images/s in one loader process.
+augments 224 px JPEGs from a tar shard written to a temporary folder: images/s in one loader process; and
+the loader alone (synthetic 32 px, 224 px JPEG tar shards) with 1 and 2 workers.
 """
 
 import argparse
@@ -182,6 +183,27 @@ def decode_bench(size=224):
     return rows
 
 
+def loader_bench(workers, batch_size=64, batches=48):
+    """Samples/s of the training loader alone (build_loader, CLIP view + caption), by worker count: the
+    synthetic data at 32 px, and 224 px JPEGs from 4 tar shards written to a temporary folder."""
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for i in range(4):
+            jpeg_shard(os.path.join(tmp, f"{i:05d}.tar"), n=batch_size * batches // 4 + batch_size)
+        for name, spec, size in (("synthetic 32 px", "synthetic", 32), ("224 px JPEG tar shards", os.path.join(tmp, "{00000..00003}.tar"), 224)):
+            views = [augment.CLIPView(size)], [augment.TextView(0.0)]
+            for n in workers:
+                loader = iter(data.build_loader(spec, batch_size, *views, workers=n, image_size=size))
+                for _ in range(2 * n):  # workers started; their first batches, made in parallel, not counted
+                    next(loader)
+                start = time.perf_counter()
+                for _ in range(batches - 2 * n):
+                    next(loader)
+                rows.append((name, n, (batches - 2 * n) * batch_size / (time.perf_counter() - start)))
+                del loader
+    return rows
+
+
 def main(args):
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda":
@@ -239,6 +261,8 @@ def main(args):
               f"data time {waited / args.steps * 1000:.1f} ms/step ({waited / elapsed:.0%} of the step)")
         for name, rate in decode_bench():
             print(f"decode + augment, 224 px JPEG from a tar shard, one process: {rate:.0f} samples/s ({name})")
+        for name, workers, rate in loader_bench([1, 2]):
+            print(f"loader alone, {name}, CLIP view, {workers} worker{'s' if workers > 1 else ''}: {rate:.0f} samples/s")
     if ratios:
         print(f"ratio ours/openclip: {statistics.median(ratios):.2f}")
 

@@ -1,0 +1,43 @@
+"""bench.py: every flag runs and prints numbers a reader can trust (samples counted, rows for each preset)."""
+import re
+
+import pytest
+
+import bench
+
+
+def rates(text, pattern):
+    return [float(m) for m in re.findall(pattern, text)]
+
+
+def test_our_step_is_timed_for_each_batch_size(capsys):
+    bench.main(bench.parse_args(["--model", "tiny", "--batch-size", "4", "8", "--steps", "2", "--warmup", "1", "--repeats", "2", "--device", "cpu"]))
+    rows = [line.split() for line in capsys.readouterr().out.splitlines() if line.startswith("tiny")]
+    assert [(r[1], r[2]) for r in rows] == [("4", "fp32"), ("8", "fp32")]
+    assert all(float(r[3]) > 0 for r in rows)
+
+
+def test_loader_bench_times_both_sources_for_each_worker_count():
+    rows = bench.loader_bench([0, 2], batch_size=4, batches=6)
+    assert [(name, n) for name, n, _ in rows] == [("synthetic 32 px", 0), ("synthetic 32 px", 2),
+                                                  ("224 px JPEG tar shards", 0), ("224 px JPEG tar shards", 2)]
+    assert all(rate > 0 for _, _, rate in rows)
+
+
+def test_loader_flag_prints_the_loader_lines(capsys, monkeypatch):
+    monkeypatch.setattr(bench, "jpeg_shard", lambda path, n=256, size=(320, 256), real=bench.jpeg_shard: real(path, n=min(n, 16), size=size))
+    bench.main(bench.parse_args(["--model", "tiny", "--batch-size", "8", "--steps", "2", "--warmup", "1", "--repeats", "1", "--device", "cpu", "--loader"]))
+    out = capsys.readouterr().out
+    assert len(rates(out, r"with the real loader .*: ([\d.]+) samples/s")) == 1
+    assert len(rates(out, r"decode \+ augment.*: ([\d.]+) samples/s")) == 2
+    assert len(rates(out, r"loader alone.*: ([\d.]+) samples/s")) == 4
+
+
+def test_compare_openclip_ends_with_the_median_ratio(capsys):
+    pytest.importorskip("open_clip")  # installed only for the benchmark, never a requirement
+    bench.main(bench.parse_args(["--model", "tiny", "--batch-size", "8", "--steps", "2", "--warmup", "1", "--repeats", "1", "--device", "cpu", "--compare-openclip"]))
+    out = capsys.readouterr().out.strip().splitlines()
+    row = next(line.split() for line in out if line.startswith("tiny"))
+    ours, theirs, ratio = float(row[3]), float(row[6]), float(row[-1])  # model batch precision ours MFU mem theirs mem ratio
+    assert ratio == pytest.approx(ours / theirs, abs=0.01)  # printed to 2 decimals from unrounded rates
+    assert re.fullmatch(r"ratio ours/openclip: \d+\.\d\d", out[-1])
