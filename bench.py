@@ -71,11 +71,12 @@ def measure(step, batch, steps, warmup, device):
     return steps * len(batch[0]) / elapsed, peak
 
 
-def random_batch(preset, batch_size, device, views=1):
+def random_batch(preset, batch_size, device, image_views=1, text_views=1):
+    """uint8 images [B, V, 3, H, W] and tokens [B, T, L] with an end-of-text token half way."""
     g = torch.Generator().manual_seed(0)
     size, length = preset["image_size"], preset["context_length"]
-    images = torch.randint(0, 256, (batch_size, views, 3, size, size), dtype=torch.uint8, generator=g)
-    tokens = torch.randint(0, 50000, (batch_size, views, length), generator=g)
+    images = torch.randint(0, 256, (batch_size, image_views, 3, size, size), dtype=torch.uint8, generator=g)
+    tokens = torch.randint(0, 50000, (batch_size, text_views, length), generator=g)
     tokens[:, :, length // 2] = data.EOT_TOKEN
     return images.to(device), tokens.to(device)
 
@@ -90,8 +91,7 @@ def ours(method, preset, batch_size, device, args):
     raw_model, optimizer, scaler = module.build_training(train_args, device, precision)
     model = torch.compile(raw_model) if args.compile else raw_model
     image_views, text_views = module.train_views(train_args)
-    batch = random_batch(module.PRESETS[preset], batch_size, device, views=1)
-    batch = (batch[0].expand(-1, len(image_views), -1, -1, -1).contiguous(), batch[1].expand(-1, len(text_views), -1).contiguous())
+    batch = random_batch(module.PRESETS[preset], batch_size, device, len(image_views), len(text_views))
 
     def step(b):
         module.train_step(model, raw_model, optimizer, scaler, b[0], b[1], train_args, autocast, precision)
@@ -141,14 +141,6 @@ def openclip(method_module, preset, batch_size, device, precision, args):
         with torch.no_grad():
             model.logit_scale.clamp_(0, 4.6052)
     return step, batch, open_clip.__version__
-
-
-def peak_tflops(device, precision):
-    if device.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device)
-    dense = next((v for k, v in {"H100": 989, "H200": 989, "A100": 312, "L40S": 362, "L4": 121, "V100": 125}.items() if k in name), None)
-    return dense / 2 if dense and precision == "fp32" else dense  # fp32 runs as TF32: half the bf16 peak
 
 
 def jpeg_shard(path, n=256, size=(320, 256)):
@@ -224,7 +216,7 @@ def main(args):
                 if other:
                     rate, their_mem = measure(other[0], other[1], args.steps, args.warmup, device)
                     theirs.append(rate)
-            peak = peak_tflops(device, precision)
+            peak = module.gpu_peak_tflops(device, precision)
             mfu = f"{flops * statistics.median(mine) / (peak * 1e12):.1%}" if peak else "-"
             row = f"{preset:<10}{batch_size:>6}{precision:>10}{statistics.median(mine):>10.1f}{mfu:>7}{mem if mem is not None else '-':>9}"
             if other:
@@ -237,8 +229,8 @@ def main(args):
                 torch.cuda.empty_cache()
     if args.loader:
         preset = presets[0]
-        train_args = importlib.import_module(args.method).parse_args(["--model", preset])
         module = importlib.import_module(args.method)
+        train_args = module.parse_args(["--model", preset])
         batch_size = (args.batch_size or [256 if preset == "tiny" else 16])[0]
         precision, autocast = module.mixed_precision(train_args, device)
         raw_model, optimizer, scaler = module.build_training(train_args, device, precision)

@@ -784,6 +784,14 @@ def mixed_precision(args, device):
     return precision, torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
 
 
+def gpu_peak_tflops(device, precision):
+    """The GPU's dense peak for MFU (fp32 runs matmuls as TF32: half the bf16 rate); None on CPU or unknown GPUs."""
+    if device.type != "cuda":
+        return None
+    dense = next((v for k, v in GPU_PEAK_TFLOPS.items() if k in torch.cuda.get_device_name(device)), None)
+    return dense / 2 if dense and precision == "fp32" else dense
+
+
 def build_training(args, device, precision):
     """The model, AdamW (fused; no weight decay on gains, biases and temperatures) and the gradient scaler."""
     raw_model = build_model(args).to(device)
@@ -859,7 +867,7 @@ def train(args, device, rank, world_size, stop):
     model = DDP(raw_model, device_ids=[device.index] if cuda else None) if world_size > 1 else raw_model
     if args.compile:
         model = torch.compile(model)
-    peak_tflops = args.peak_tflops or (next((v for k, v in GPU_PEAK_TFLOPS.items() if k in torch.cuda.get_device_name(device)), None) if cuda else None)
+    peak_tflops = args.peak_tflops or gpu_peak_tflops(device, precision)
     if rank == 0:
         with open(os.path.join(args.out_dir, "run.json"), "w") as f:
             json.dump({"method": METHOD, "args": vars(args), "world_size": world_size, "precision": precision,

@@ -67,8 +67,9 @@ def csv_source(root, n=160):
     return os.path.join(root, "pairs.csv")
 
 
-@pytest.mark.parametrize("source", ["synthetic", "csv", "tar"])
-def test_sigkill_at_a_random_step_then_resume_equals_an_uninterrupted_run(tmp_path, source):
+@pytest.mark.parametrize("source, script", [("synthetic", "clip.py"), ("csv", "clip.py"), ("tar", "clip.py"),
+                                            ("synthetic", "nclip.py"), ("synthetic", "xclip.py")])
+def test_sigkill_at_a_random_step_then_resume_equals_an_uninterrupted_run(tmp_path, source, script):
     if source == "csv":
         spec, workers = csv_source(str(tmp_path / "csv")), "1"
     elif source == "tar":
@@ -78,12 +79,12 @@ def test_sigkill_at_a_random_step_then_resume_equals_an_uninterrupted_run(tmp_pa
     else:
         spec, workers = "synthetic", "1"
     args = ["--data", spec, "--workers", workers, "--steps", "24", "--batch-size", "16", "--save-every", "3"]
-    run(command(tmp_path / "straight", *args))
-    killed = subprocess.Popen(command(tmp_path / "killed", *args), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    run(command(tmp_path / "straight", *args, script=script))
+    killed = subprocess.Popen(command(tmp_path / "killed", *args, script=script), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     wait_for_step(tmp_path / "killed", random.randint(4, 18), killed)
     killed.kill()  # SIGKILL: no handler runs
     assert killed.wait() == -signal.SIGKILL
-    run(command(tmp_path / "killed", *args, "--resume", "auto"))
+    run(command(tmp_path / "killed", *args, "--resume", "auto", script=script))
     assert_same(model_of(tmp_path / "straight"), model_of(tmp_path / "killed"))
 
 
