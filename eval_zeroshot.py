@@ -4,11 +4,13 @@ linear probe. The training scripts call `zeroshot_classify` (and so these same f
   python eval_zeroshot.py --checkpoint runs/clip/ckpt.pt     # the held-out synthetic images of the training log
   python eval_zeroshot.py --checkpoint ckpt.pt --dataset cifar10 --data-dir /data/cifar --linear-probe --out r.json
   python eval_zeroshot.py --checkpoint ckpt.pt --retrieval /data/flickr30k/test.csv --gallery gallery.png
-  torchrun --standalone --nproc_per_node=8 eval_zeroshot.py --checkpoint ckpt.pt --dataset imagenet --data-dir /data/imagenet
+  torchrun --standalone --nproc_per_node=8 eval_zeroshot.py --checkpoint ckpt.pt \
+      --dataset imagenet --data-dir /data/imagenet
 
 Protocols
   Zero-shot classification with prompt ensembles (Radford et al. 2021, arXiv:2103.00020, Sec. 3.1.4): with
-  templates t_1..t_M,  w_c = normalize(1/M sum_m normalize(f_text(t_m(c)))),  score(x, c) = <normalize(f_image(x)), w_c>.
+  templates t_1..t_M,  w_c = normalize(1/M sum_m normalize(f_text(t_m(c)))),
+  score(x, c) = <normalize(f_image(x)), w_c>.
   Top-1, top-5 and mean per-class recall (the mean over classes of the fraction of their images ranked first,
   CLIP's metric for unbalanced sets, its Appendix A). Every head of `model.zeroshot_heads()` is scored, the
   first being the main one (improved recipe: linear, mlp, mix; nCLIP: square roots of the prototype
@@ -233,10 +235,12 @@ def classification_sets(name, data_dir, image_size, seed=0, probe=False):
         except RuntimeError:  # torchvision: "Dataset not found or corrupted" (a missing file or a bad checksum)
             files = ",".join([f for f, _ in cifar.train_list + cifar.test_list] + [cifar.meta["filename"]])
             raise SystemExit(f"--dataset {name}: no intact copy in {data_dir}: expected "
-                             f"{os.path.join(data_dir, cifar.base_folder)}/{{{files}}} (the extracted python archive)") from None
+                             f"{os.path.join(data_dir, cifar.base_folder)}/{{{files}}} "
+                             f"(the extracted python archive)") from None
         classnames, templates = load_prompts(name)
     else:
-        test_dir = next((os.path.join(data_dir, s) for s in ("val", "test") if os.path.isdir(os.path.join(data_dir, s))), data_dir)
+        test_dir = next((os.path.join(data_dir, s) for s in ("val", "test")
+                         if os.path.isdir(os.path.join(data_dir, s))), data_dir)
         test = image_folder(test_dir, f"--dataset {name}:")
         train = image_folder(os.path.join(data_dir, "train"), "--linear-probe needs a train split:") if probe else None
         if train is not None and train.classes != test.classes:
@@ -245,10 +249,12 @@ def classification_sets(name, data_dir, image_size, seed=0, probe=False):
             classnames, templates = load_prompts("imagenet")
             if len(test.classes) != len(classnames) or not all(re.fullmatch(r"n\d{8}", c) for c in test.classes):
                 raise SystemExit(f"--dataset imagenet: {test_dir} must hold the {len(classnames)} WordNet-id class "
-                                 f"folders (n01440764, ...); found {len(test.classes)} ({', '.join(test.classes[:3])}, ...)")
+                                 f"folders (n01440764, ...); found {len(test.classes)} "
+                                 f"({', '.join(test.classes[:3])}, ...)")
         else:
             classnames, templates = [c.replace("_", " ") for c in test.classes], FOLDER_TEMPLATES
-    return LabeledImages(test, image_size), train if train is None else LabeledImages(train, image_size), classnames, templates
+    return (LabeledImages(test, image_size), train if train is None else LabeledImages(train, image_size),
+            classnames, templates)
 
 
 def retrieval_set(path, image_size, context_length, img_key="filepath", caption_key="caption", separator=None):
@@ -304,7 +310,8 @@ def linear_probe(train_x, train_y, test_x, test_y, num_classes, weight_decays=PR
     def top1(x, y, W, b):
         return classification_metrics(x @ W + b, y, num_classes)["top1"]
 
-    scores = [(top1(train_x[held], train_y[held], *fit_logistic_regression(train_x[fit], train_y[fit], num_classes, wd)), wd)
+    scores = [(top1(train_x[held], train_y[held],
+                    *fit_logistic_regression(train_x[fit], train_y[fit], num_classes, wd)), wd)
               for wd in weight_decays]
     best = max(scores)[1]
     return top1(test_x, test_y, *fit_logistic_regression(train_x, train_y, num_classes, best)), best
@@ -323,7 +330,8 @@ def draw_gallery(path, dataset, scores, labels, classnames, rows=6, per_row=5, t
     label_width, header, row_height = 150, 20, tile + 24
     canvas = Image.new("RGB", (label_width + per_row * (tile + 6), header + len(classes) * row_height), "white")
     draw, font = ImageDraw.Draw(canvas), ImageFont.load_default()
-    draw.text((4, 4), f"class prompt: its {per_row} best-scoring images and their cosine scores (green frame: that class)",
+    draw.text((4, 4), f"class prompt: its {per_row} best-scoring images and their cosine scores "
+                      f"(green frame: that class)",
               fill="black", font=font)
     picks = []
     for r, c in enumerate(classes):
@@ -337,7 +345,8 @@ def draw_gallery(path, dataset, scores, labels, classnames, rows=6, per_row=5, t
             pil = pil.resize((tile, tile), Image.NEAREST if pil.width < tile else Image.BICUBIC)
             x = label_width + k * (tile + 6)
             canvas.paste(pil, (x, y))
-            draw.rectangle([x - 2, y - 2, x + tile + 1, y + tile + 1], outline="green" if labels[i] == c else "red", width=2)
+            draw.rectangle([x - 2, y - 2, x + tile + 1, y + tile + 1], outline="green" if labels[i] == c else "red",
+                           width=2)
             draw.text((x, y + tile + 2), f"{scores[i, c].item():.3f}", fill="black", font=font)
     canvas.save(path)
     return picks
@@ -357,14 +366,16 @@ def load_model(path, device):
         if "Weights only" in str(e):
             reason = "it holds pickled objects other than tensors; nothing was run"
         raise SystemExit(f"--checkpoint {path}: not a loadable checkpoint ({reason})") from None
-    if not isinstance(ckpt, dict) or not {"method", "args", "model"} <= ckpt.keys() or not isinstance(ckpt["args"], dict):
+    if (not isinstance(ckpt, dict) or not {"method", "args", "model"} <= ckpt.keys()
+            or not isinstance(ckpt["args"], dict)):
         raise SystemExit(f"--checkpoint {path}: not a checkpoint of clip.py, nclip.py or xclip.py")
     if ckpt["method"] not in METHODS:
         raise SystemExit(f"--checkpoint {path}: unknown method {ckpt['method']!r} (known: {', '.join(METHODS)})")
     try:
         module = importlib.import_module(ckpt["method"])
     except ImportError as e:
-        raise SystemExit(f"--checkpoint {path}: a {ckpt['method']}.py checkpoint, but {ckpt['method']}.py cannot be imported ({e})") from None
+        raise SystemExit(f"--checkpoint {path}: a {ckpt['method']}.py checkpoint, "
+                         f"but {ckpt['method']}.py cannot be imported ({e})") from None
     train_args = argparse.Namespace(**ckpt["args"])
     try:
         model = module.build_model(train_args)
@@ -380,7 +391,8 @@ def load_model(path, device):
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--checkpoint", required=True, help="ckpt.pt written by clip.py, nclip.py or xclip.py")
     p.add_argument("--dataset", default="synthetic", choices=["synthetic", "imagenet", "cifar10", "cifar100", "folder"],
                    help="zero-shot classification set (layouts: see the module docstring)")
@@ -389,16 +401,21 @@ def parse_args(argv=None):
                    help="evaluate on the first N images (default: all; synthetic: the checkpoint's --eval-samples)")
     p.add_argument("--retrieval", default=None, metavar="PAIRS.csv",
                    help="also image<->text recall@1/5/10 on a CSV with one row per caption")
-    p.add_argument("--csv-img-key", default="filepath", help="--retrieval CSV column of image paths (relative to the CSV)")
+    p.add_argument("--csv-img-key", default="filepath",
+                   help="--retrieval CSV column of image paths (relative to the CSV)")
     p.add_argument("--csv-caption-key", default="caption", help="--retrieval CSV column of captions")
-    p.add_argument("--csv-separator", default=None, help="--retrieval CSV separator (default: tab for .tsv, comma otherwise)")
-    p.add_argument("--linear-probe", action="store_true", help="also logistic regression on frozen image-tower features")
+    p.add_argument("--csv-separator", default=None,
+                   help="--retrieval CSV separator (default: tab for .tsv, comma otherwise)")
+    p.add_argument("--linear-probe", action="store_true",
+                   help="also logistic regression on frozen image-tower features")
     p.add_argument("--probe-samples", type=int, default=None,
-                   help=f"linear probe: train images, evenly spaced through the train split (default: synthetic {PROBE_SYNTHETIC_SAMPLES}, others all)")
+                   help=f"linear probe: train images, evenly spaced through the train split "
+                        f"(default: synthetic {PROBE_SYNTHETIC_SAMPLES}, others all)")
     p.add_argument("--out", default=None, metavar="results.json", help="write the results as JSON")
     p.add_argument("--gallery", default=None, metavar="gallery.png", help="draw the top-5 images of 6 class prompts")
     p.add_argument("--batch-size", type=int, default=256, help="images per forward, per process")
-    p.add_argument("--workers", type=int, default=None, help="data loader processes per rank (default: CPUs per rank - 1, at most 8)")
+    p.add_argument("--workers", type=int, default=None,
+                   help="data loader processes per rank (default: CPUs per rank - 1, at most 8)")
     p.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: cuda if available)")
     p.add_argument("--precision", default=None, choices=["bf16", "fp16", "fp32"],
                    help="autocast dtype (default: bf16 on GPUs that support it, fp16 on other GPUs, fp32 on CPU)")
@@ -412,7 +429,8 @@ def parse_args(argv=None):
 def print_table(record):
     first = next(iter(record["heads"].values()))
     print(f"{record['method']}.py checkpoint {record['checkpoint']}, step {record['step']} | {record['dataset']}: "
-          f"{record['images']} images, {record['classes']} classes" + (f" | retrieval: {record['retrieval']}" if "retrieval" in record else ""))
+          f"{record['images']} images, {record['classes']} classes"
+          + (f" | retrieval: {record['retrieval']}" if "retrieval" in record else ""))
     widths = {k: max(7, len(k)) + 2 for k in first}
     print("head      " + "".join(f"{k:>{w}}" for k, w in widths.items()) + "   (percent; first row: the main head)")
     for name, metrics in record["heads"].items():
@@ -427,41 +445,49 @@ def evaluate(args, device, rank=0, world_size=1):
     model, module, train_args, step = load_model(args.checkpoint, device)
     size, context_length = (module.PRESETS[train_args.model][k] for k in ("image_size", "context_length"))
     # Every input is opened before the first forward, so bad input stops the run at once.
-    dataset, probe_train, classnames, templates = classification_sets(args.dataset, args.data_dir, size,
-                                                                       getattr(train_args, "seed", 0), args.linear_probe)
+    dataset, probe_train, classnames, templates = classification_sets(
+        args.dataset, args.data_dir, size, getattr(train_args, "seed", 0), args.linear_probe)
     n = args.eval_samples or (getattr(train_args, "eval_samples", None) if args.dataset == "synthetic" else None)
     dataset = torch.utils.data.Subset(dataset, range(min(n or len(dataset), len(dataset))))
     if args.retrieval:
-        images, captions = retrieval_set(args.retrieval, size, context_length, args.csv_img_key, args.csv_caption_key, args.csv_separator)
+        images, captions = retrieval_set(args.retrieval, size, context_length, args.csv_img_key, args.csv_caption_key,
+                                         args.csv_separator)
     if args.linear_probe:
-        k = min(args.probe_samples or (PROBE_SYNTHETIC_SAMPLES if args.dataset == "synthetic" else len(probe_train)), len(probe_train))
-        probe_train = torch.utils.data.Subset(probe_train, torch.linspace(0, len(probe_train) - 1, k).round().long().tolist())
+        k = min(args.probe_samples or (PROBE_SYNTHETIC_SAMPLES if args.dataset == "synthetic" else len(probe_train)),
+                len(probe_train))
+        probe_train = torch.utils.data.Subset(probe_train,
+                                              torch.linspace(0, len(probe_train) - 1, k).round().long().tolist())
 
     cuda = device.type == "cuda"
     precision = args.precision or ("bf16" if cuda and torch.cuda.is_bf16_supported() else "fp16" if cuda else "fp32")
     autocast = (torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
                 if precision != "fp32" else nullcontext())
-    workers = args.workers if args.workers is not None else max(0, min(8, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", "1")) - 1))
-    common = dict(device=device, batch_size=args.batch_size, workers=workers, autocast=autocast, rank=rank, world_size=world_size)
+    workers = (args.workers if args.workers is not None
+               else max(0, min(8, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", "1")) - 1)))
+    common = dict(device=device, batch_size=args.batch_size, workers=workers, autocast=autocast, rank=rank,
+                  world_size=world_size)
 
     heads = model.zeroshot_heads()
     image_encoders = {name: head[0] for name, head in heads.items()}
     probe_encoder = {"linear probe": model.visual} if args.linear_probe else {}  # features before the projection
     classifiers = zeroshot_classifiers(heads, classnames, templates, context_length, device, autocast)  # {name: [D, C]}
     features, labels = encode_dataset({**image_encoders, **probe_encoder}, dataset, **common)  # {name: [N, D]}, [N]
-    results = {name: classification_metrics(features[name] @ classifiers[name], labels, len(classnames)) for name in heads}
+    results = {name: classification_metrics(features[name] @ classifiers[name], labels, len(classnames))
+               for name in heads}
     record = {"checkpoint": args.checkpoint, "method": module.__name__, "step": step, "dataset": args.dataset,
               "images": len(dataset), "classes": len(classnames), "head": next(iter(heads))}
     if args.retrieval:
         image_features, _ = encode_dataset(image_encoders, images, **common)  # {name: [N_img, D]}
-        text_features, text_to_image = encode_dataset({name: head[1] for name, head in heads.items()}, captions, **common)
+        text_features, text_to_image = encode_dataset({name: head[1] for name, head in heads.items()}, captions,
+                                                      **common)
         for name in heads:
             results[name].update(retrieval_metrics(image_features[name], text_features[name], text_to_image))
         record["retrieval"] = f"{len(images)} images, {len(captions)} captions"
     record.update(results[record["head"]])
     if args.linear_probe:
         train_x, train_y = encode_dataset(probe_encoder, probe_train, **common)  # {"linear probe": [k, width]}, [k]
-        top1, weight_decay = linear_probe(train_x["linear probe"], train_y, features["linear probe"], labels, len(classnames))
+        top1, weight_decay = linear_probe(train_x["linear probe"], train_y, features["linear probe"], labels,
+                                          len(classnames))
         record.update(linear_top1=top1, linear_weight_decay=weight_decay, probe_samples=len(probe_train))
     record["heads"] = results
 
@@ -492,7 +518,8 @@ def main(argv=None):
         torch.cuda.set_device(device)
     own_group = world_size > 1 and not dist.is_initialized()
     if own_group:
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", device_id=device if device.type == "cuda" else None)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
+                                device_id=device if device.type == "cuda" else None)
     try:
         rank, world_size = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
         return evaluate(args, device, rank, world_size)

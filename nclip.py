@@ -8,13 +8,12 @@ modality's distribution is the pseudo-label that supervises the other modality's
 the second (mean-entropy maximisation over the global batch) keeps the batch from collapsing onto a few
 prototypes; Sinkhorn-Knopp targets are sharp and use every prototype equally over the batch.
 
-A reconstruction, not the authors' code: the paper's code was never released and its head, temperatures
-and anti-collapse term are not public. The DINO-style head (MLP -> 256-d -> L2 norm -> unit-norm
-prototypes), tau_s = 0.1, the mean-entropy term with lambda = 1 (MSN's ME-MAX) and the targets are our
-choices (../shared/DESIGN.md, reference/xclip.md). DESIGN.md names sharpened softmax targets (tau_t 0.04)
-first and Sinkhorn as the alternative; we default to Sinkhorn because, measured on the synthetic data,
-softmax targets put every sample on one prototype within a few dozen steps, in nCLIP and in xCLIP alike,
-while Sinkhorn keeps xCLIP's nCLIP head learning (README.md "Results"). `--targets softmax` gives the other.
+A reconstruction, not the authors' code: the paper's code was never released, and its head, temperatures
+and anti-collapse term are not public (only that K = 32768 and that each modality's distribution supervises
+the other's prediction, from its Fig. 1). Our choices: a DINO-style head (Caron et al. 2021: MLP -> 256-d ->
+L2 norm -> unit-norm prototypes), tau_s = 0.1, MSN's mean-entropy term (Assran et al. 2022) with lambda = 1,
+and SwAV's Sinkhorn targets (Caron et al. 2020). Sharpened softmax targets (tau_t 0.04, as DINO) put every
+sample on one prototype within a few dozen steps on the synthetic data, so Sinkhorn is the default.
 
 Zero-shot with nCLIP: score(image, class) = sum_k sqrt(p_I(k) p_T(k)), the Bhattacharyya coefficient of
 the image's and the prompt's prototype distributions, i.e. the cosine of the unit vectors sqrt(p); a
@@ -24,19 +23,23 @@ representation learning (linear probe: `python eval_zeroshot.py --checkpoint ...
 Differs from clip.py in:
   - heads: a prototype head per modality instead of linear projections and a temperature
   - loss: cross-modal distribution prediction + mean-entropy regulariser (`nclip_loss`) instead of InfoNCE;
-    there are no negatives, so no features are gathered: only the K-dim batch-mean distribution is summed
-    over ranks
+    there are no negatives, so no features are gathered: only K-dim sums over the batch are all-reduced
   - logs the collapse diagnostics: entropy of the batch-mean distribution, mean per-sample entropy and the
     number of prototypes that win at least one sample
   - no improved recipe and no SSL options
 
 Launch:
-  python nclip.py                                                   # CPU: tiny model on synthetic data
+  python nclip.py                                                  # CPU: tiny model, synthetic data, ~3 min
   python nclip.py --model ViT-B/16 --data /data/cc3m/{00000..00331}.tar --epochs 32 --batch-size 256   # 1 GPU
   torchrun --standalone --nproc_per_node=8 nclip.py --model ViT-B/16 --data /data/cc3m/{00000..00331}.tar \
-      --epochs 32 --batch-size 256 --lr 5e-4 --wd 0.5 --warmup 2000   # 8 GPUs, global batch 2048
+      --epochs 32 --batch-size 256 --lr 5e-4 --wd 0.5 --warmup 2000 --resume auto   # 8 GPUs, global batch 2048
+  torchrun --nnodes=2 --nproc_per_node=8 --rdzv-backend=c10d --rdzv-endpoint=$HEAD_NODE:29500 nclip.py ...  # 2 nodes
 
-Reference result: `python nclip.py` on a 2-core CPU (no GPU): see README.md "Results".
+Reference result: `python nclip.py` on a 2-core CPU: see README.md "Results" (3 seeds).
+
+Layout: the method comes first (its flags, model and heads, loss and `compute_loss`); everything after
+`# --- shared: plumbing ---` (common flags, towers, distributed helpers, training loop, checkpoints, logs)
+is the same in clip.py, nclip.py and xclip.py.
 """
 
 import argparse
@@ -62,11 +65,194 @@ import eval_zeroshot
 
 METHOD = "nclip"
 
-# ---------------------------------------------------------------------------------------------------
-# Config
+
+# =====================================================================================================================
+# The method: nCLIP (Zhou et al. 2023). Its flags, its model and heads, its loss; the shared plumbing is below.
 
 
-# --- shared: config ---
+def method_args(parser):
+    nclip_args(parser.add_argument_group("nCLIP (Zhou et al. 2023; head and regulariser reconstructed)"))
+
+
+def resolve_method_args(args, parser):
+    return resolve_nclip_args(args)
+
+
+class NCLIP(nn.Module):
+    """Two towers and a prototype head per modality."""
+
+    def __init__(self, model="tiny", vocab_size=data.VOCAB_SIZE, prototypes=1024, head_hidden=256,
+                 head_bottleneck=64, student_temp=0.1):
+        super().__init__()
+        cfg = PRESETS[model]
+        self.student_temp = student_temp
+        self.visual = VisionTower(cfg["image_size"], cfg["patch_size"], cfg["vision_width"], cfg["vision_layers"],
+                                  cfg["vision_heads"])
+        self.text = TextTower(vocab_size, cfg["context_length"], cfg["text_width"], cfg["text_layers"],
+                              cfg["text_heads"])
+        self.image_head = PrototypeHead(cfg["vision_width"], head_hidden, head_bottleneck, prototypes)
+        self.text_head = PrototypeHead(cfg["text_width"], head_hidden, head_bottleneck, prototypes)
+
+    def forward(self, images, tokens):  # images [B, V, 3, H, W], tokens [B, T, L]; nCLIP uses view 0 of each
+        return {"image_scores": self.image_head(self.visual(images[:, 0])),  # [B, K]
+                "text_scores": self.text_head(self.text(tokens[:, 0]))}  # [B, K]
+
+    def after_step(self):
+        pass  # no temperature to clamp, no teacher to update
+
+    def zeroshot_heads(self):
+        """{name: (encode_image, encode_text)}: the Bhattacharyya score of the two modalities' distributions."""
+        return {"nclip": (lambda x: sqrt_distribution(self.image_head(self.visual(x)), self.student_temp),
+                          lambda t: sqrt_distribution(self.text_head(self.text(t)), self.student_temp))}
+
+    def flops_per_sample(self):
+        """Training FLOPs per pair: forward + backward (2x forward) of the towers and heads."""
+        return 3 * (self.visual.flops() + self.text.flops() + self.image_head.flops() + self.text_head.flops())
+
+
+def build_model(args):
+    return NCLIP(args.model, prototypes=args.prototypes, head_hidden=args.head_hidden,
+                 head_bottleneck=args.head_bottleneck, student_temp=args.student_temp)
+
+
+def train_views(args):
+    """The views the loader makes per sample: one CLIP crop of the image and the caption as it is."""
+    size = PRESETS[args.model]["image_size"]
+    return [augment.CLIPView(size, scale=(0.9, 1.0))], [augment.TextView()]
+
+
+# --- shared: nclip ---
+def nclip_args(g):
+    """The flags of the nCLIP heads and loss."""
+    g.add_argument("--prototypes", type=int, default=None,
+                   help="K, the size of each distribution (the paper: 32768 for base models; default 32768, 1024 "
+                        "for tiny). Keep the global batch in the thousands when K is large")
+    g.add_argument("--head-hidden", type=int, default=None,
+                   help="hidden width of the head's MLP (default 2048; 256 for tiny)")
+    g.add_argument("--head-bottleneck", type=int, default=None,
+                   help="width of the L2-normalised bottleneck before the prototypes (default 256; 64 for tiny)")
+    g.add_argument("--student-temp", type=float, default=0.1, help="tau_s: temperature of the predictions p")
+    g.add_argument("--teacher-temp", type=float, default=0.04,
+                   help="tau_t of --targets softmax: below tau_s it sharpens the targets, which keeps the outputs "
+                        "from going uniform")
+    g.add_argument("--reg-weight", type=float, default=1.0,
+                   help="lambda of the mean-entropy regulariser, which keeps the batch from collapsing onto a few "
+                        "prototypes; raise it if prototypes_used in the log keeps falling")
+    g.add_argument("--targets", default="sinkhorn", choices=["sinkhorn", "softmax"],
+                   help="sinkhorn: Sinkhorn-Knopp targets that use every prototype equally over the global batch "
+                        "(SwAV; epsilon 0.05, 3 iterations); softmax: targets sharpened with --teacher-temp. On the "
+                        "synthetic data softmax targets collapse onto one prototype within a few dozen steps")
+
+
+def resolve_nclip_args(args):
+    """Head sizes: the paper's base-model scale, or a small head for the tiny preset."""
+    small = args.model == "tiny"
+    for key, base, tiny in (("prototypes", 32768, 1024), ("head_hidden", 2048, 256), ("head_bottleneck", 256, 64)):
+        if getattr(args, key) is None:
+            setattr(args, key, tiny if small else base)
+    return args
+
+
+class PrototypeHead(nn.Module):
+    """Features -> cosine similarity to K unit-norm prototypes (DINO-style): an MLP to a bottleneck,
+    L2 normalisation, then a weight-normalised bias-free layer whose gain is fixed at 1."""
+
+    def __init__(self, in_dim, hidden, bottleneck, prototypes):
+        super().__init__()
+        self.mlp = nn.Sequential(nn.Linear(in_dim, hidden), nn.GELU(), nn.Linear(hidden, hidden), nn.GELU(),
+                                 nn.Linear(hidden, bottleneck))
+        self.prototypes = nn.Parameter(torch.randn(prototypes, bottleneck) * bottleneck**-0.5)  # [K, d]
+
+    def forward(self, x):  # [B, C] -> [B, K], in [-1, 1]
+        z = F.normalize(self.mlp(x), dim=-1)  # [B, d]
+        return z @ F.normalize(self.prototypes, dim=-1).t()  # [B, K]
+
+    def flops(self):
+        return 2 * sum(p.numel() for p in self.parameters() if p.ndim == 2)
+
+
+def sqrt_distribution(scores, temperature):
+    """Prototype scores [B, K] -> sqrt(softmax(scores / tau)) [B, K]: unit vectors whose dot product is the
+    Bhattacharyya coefficient of two distributions (nCLIP's zero-shot score)."""
+    return torch.softmax(scores.float() / temperature, dim=-1).sqrt()
+
+
+def entropy(p):  # [..., K] -> [...], in nats; 0 log 0 = 0
+    return torch.special.entr(p).sum(-1)
+
+
+# --- shared: sinkhorn ---
+@torch.no_grad()
+def sinkhorn(scores, epsilon=0.05, iters=3):
+    """Sinkhorn-Knopp (Cuturi 2013, arXiv:1306.0895) as in SwAV (Caron et al. 2020, arXiv:2006.09882, eq. 3
+    and its distributed_sinkhorn code), over the global batch. scores: this rank's rows [b, K].
+        Q = exp(scores / epsilon)^T [K, N],  Q /= sum(Q),
+        repeat: rows (prototypes) -> 1/K, columns (samples) -> 1/N
+    Returns N * Q^T [b, K]: each sample's assignment sums to 1 (exactly; the prototype marginals N/K only
+    approximately after few iterations). Sums over samples are all-reduced, so the targets are those of the
+    global batch. The global max of scores / epsilon is subtracted before exp (it cancels in Q /= sum(Q)), so
+    nothing overflows; an entry underflows to 0 only if its score lies ~85 epsilon below the max."""
+    world = get_world_size()
+    N, K = scores.shape[0] * world, scores.shape[1]
+    logits = scores.float() / epsilon  # [b, K]
+    m = logits.max()  # scalar
+    if world > 1:
+        dist.all_reduce(m, op=dist.ReduceOp.MAX)  # the max over the global batch
+    Q = torch.exp(logits - m).t()  # [K, b], this rank's columns of the [K, N] matrix
+    Q /= all_reduce_with_grad(Q.sum())  # the global Q sums to 1
+    for _ in range(iters):
+        Q /= all_reduce_with_grad(Q.sum(dim=1, keepdim=True)) * K  # [K, b], every prototype's total: 1/K
+        Q /= Q.sum(dim=0, keepdim=True) * N  # [K, b], every sample's total: 1/N (columns are local)
+    return (Q * N).t()  # [b, K], rows sum to 1
+# --- end shared: sinkhorn ---
+
+
+def nclip_loss(image_scores, text_scores, student_temp=0.1, teacher_temp=0.04, reg_weight=1.0,
+               targets="sinkhorn"):
+    """nCLIP (Zhou et al. 2023), exact under DDP; see the module docstring for the equation.
+
+    image_scores, text_scores: this rank's prototype scores z_I, z_T [b, K].
+    Prediction term: each rank's mean over its samples (the mean over ranks is the global mean).
+    Regulariser: p_bar is the mean of p over the global batch (summed over ranks with gradient), so it is
+    the same on every rank, as DDP's averaged gradient then is that of one process with the whole batch.
+    Returns (loss, diagnostics): H(p_bar) (log K at most; near 0 means collapse onto one prototype), the
+    mean per-sample entropy H(p) (near log K means uniform outputs) and the number of prototypes that are
+    the argmax of at least one sample of the global batch (averages over the two modalities)."""
+    b, K = image_scores.shape
+    scores = {"I": image_scores, "T": text_scores}
+    log_p = {m: F.log_softmax(z.float() / student_temp, dim=-1) for m, z in scores.items()}  # [b, K]
+    with torch.no_grad():  # pseudo-labels: sharpened softmax, or Sinkhorn-Knopp
+        q = {m: sinkhorn(z) if targets == "sinkhorn" else torch.softmax(z.float() / teacher_temp, dim=-1)
+             for m, z in scores.items()}  # [b, K]
+    prediction = -((q["T"] * log_p["I"]).sum(-1).mean() + (q["I"] * log_p["T"]).sum(-1).mean()) / 2
+    N = b * get_world_size()
+    p_bar = {m: all_reduce_with_grad(lp.exp().sum(0)) / N for m, lp in log_p.items()}  # [K], global batch mean
+    regulariser = sum(math.log(K) - entropy(p_bar[m]) for m in p_bar) / 2
+    with torch.no_grad():
+        used = 0.0
+        for lp in log_p.values():
+            wins = torch.bincount(lp.argmax(-1), minlength=K).float()  # [K]
+            used = used + (all_reduce_with_grad(wins) > 0).sum().float() / 2
+        stats = {"prediction_loss": prediction.detach(), "entropy_regulariser": regulariser.detach(),
+                 "entropy_batch_mean": sum(entropy(p) for p in p_bar.values()) / 2,
+                 "entropy_per_sample": sum(entropy(lp.exp()).mean() for lp in log_p.values()) / 2,
+                 "prototypes_used": used}
+    return prediction + reg_weight * regulariser, stats
+# --- end shared: nclip ---
+
+
+def compute_loss(out, args):
+    """The method's loss from the model outputs -> (loss, {name: value to log})."""
+    return nclip_loss(out["image_scores"], out["text_scores"], args.student_temp, args.teacher_temp,
+                      args.reg_weight, args.targets)
+
+
+# =====================================================================================================================
+# Everything below is the same in clip.py, nclip.py and xclip.py (tests/test_sync.py checks it): common
+# flags, the towers, distributed helpers, the training loop, checkpoints, logging.
+
+
+# --- shared: plumbing ---
 def common_args(parser):
     """The flags every method file has, with the same defaults."""
     g = parser.add_argument_group("data")
@@ -139,7 +325,8 @@ def common_args(parser):
 def check_common_args(args, parser):
     """Refuse impossible values before any work, naming the flag."""
     for flag, low in (("batch_size", 1), ("steps", 1), ("log_every", 1), ("save_every", 0), ("eval_every", 0),
-                      ("warmup", 0), ("workers", 0), ("eval_samples", 1), ("max_bad_steps", 1), ("train_num_samples", 1)):
+                      ("warmup", 0), ("workers", 0), ("eval_samples", 1), ("max_bad_steps", 1),
+                      ("train_num_samples", 1)):
         if getattr(args, flag) is not None and getattr(args, flag) < low:
             parser.error(f"--{flag.replace('_', '-')} must be at least {low}, got {getattr(args, flag)}")
     for flag in ("lr", "epochs", "peak_tflops"):
@@ -152,55 +339,19 @@ def check_common_args(args, parser):
     if data.source_kind(args.data) == "tar" and not any(os.path.exists(u) for u in data.expand_braces(args.data)):
         parser.error(f"--data {args.data}: no shard of this pattern exists")
     if args.resume not in (None, "auto") and not os.path.isfile(args.resume):
-        parser.error(f"--resume {args.resume}: no such checkpoint file (use --resume auto to continue OUT_DIR/ckpt.pt if it exists)")
+        parser.error(f"--resume {args.resume}: no such checkpoint file "
+                     f"(use --resume auto to continue OUT_DIR/ckpt.pt if it exists)")
     return args
-# --- end shared: config ---
-
-
-# --- shared: nclip-args ---
-def nclip_args(g):
-    """The flags of the nCLIP heads and loss."""
-    g.add_argument("--prototypes", type=int, default=None,
-                   help="K, the size of each distribution (the paper: 32768 for base models; default 32768, 1024 "
-                        "for tiny). Keep the global batch in the thousands when K is large")
-    g.add_argument("--head-hidden", type=int, default=None, help="hidden width of the head's MLP (default 2048; 256 for tiny)")
-    g.add_argument("--head-bottleneck", type=int, default=None,
-                   help="width of the L2-normalised bottleneck before the prototypes (default 256; 64 for tiny)")
-    g.add_argument("--student-temp", type=float, default=0.1, help="tau_s: temperature of the predictions p")
-    g.add_argument("--teacher-temp", type=float, default=0.04,
-                   help="tau_t of --targets softmax: below tau_s it sharpens the targets, which keeps the outputs "
-                        "from going uniform")
-    g.add_argument("--reg-weight", type=float, default=1.0,
-                   help="lambda of the mean-entropy regulariser, which keeps the batch from collapsing onto a few "
-                        "prototypes; raise it if prototypes_used in the log keeps falling")
-    g.add_argument("--targets", default="sinkhorn", choices=["sinkhorn", "softmax"],
-                   help="sinkhorn: Sinkhorn-Knopp targets that use every prototype equally over the global batch "
-                        "(SwAV; epsilon 0.05, 3 iterations); softmax: targets sharpened with --teacher-temp. On the "
-                        "synthetic data softmax targets collapse onto one prototype within a few dozen steps")
-
-
-def resolve_nclip_args(args):
-    """Head sizes: the paper's base-model scale, or a small head for the tiny preset."""
-    small = args.model == "tiny"
-    for key, base, tiny in (("prototypes", 32768, 1024), ("head_hidden", 2048, 256), ("head_bottleneck", 256, 64)):
-        if getattr(args, key) is None:
-            setattr(args, key, tiny if small else base)
-    return args
-# --- end shared: nclip-args ---
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     common_args(parser)
-    nclip_args(parser.add_argument_group("nCLIP (Zhou et al. 2023; head and regulariser reconstructed)"))
-    return resolve_nclip_args(check_common_args(parser.parse_args(argv), parser))
+    method_args(parser)
+    return resolve_method_args(check_common_args(parser.parse_args(argv), parser), parser)
 
 
-# ---------------------------------------------------------------------------------------------------
-# Model
-
-
-# --- shared: towers ---
 PRESETS = {  # image tower (ViT) and text tower (causal Transformer) sizes, and the joint embedding width
     "tiny": dict(image_size=32, patch_size=8, vision_width=64, vision_layers=4, vision_heads=2,
                  context_length=20, text_width=64, text_layers=4, text_heads=2, embed_dim=64),
@@ -290,7 +441,8 @@ class VisionTower(nn.Module):
     def flops(self):
         """Forward FLOPs per image (2 per multiply-add), counting matmuls and attention."""
         patches = (self.image_size // self.patch_size) ** 2
-        return 2 * patches * 3 * self.patch_size**2 * self.width + transformer_flops(patches + 1, self.width, self.layers)
+        patch_embedding = 2 * patches * 3 * self.patch_size**2 * self.width
+        return patch_embedding + transformer_flops(patches + 1, self.width, self.layers)
 
 
 class TextTower(nn.Module):
@@ -321,175 +473,15 @@ def transformer_flops(tokens, width, layers):
     """Forward FLOPs of `layers` blocks on `tokens` tokens: 24 N C^2 in the qkv, output and MLP matmuls,
     4 N^2 C in the two attention products."""
     return layers * (24 * tokens * width**2 + 4 * tokens**2 * width)
-# --- end shared: towers ---
 
 
-# --- shared: nclip-head ---
-class PrototypeHead(nn.Module):
-    """Features -> cosine similarity to K unit-norm prototypes (DINO-style): an MLP to a bottleneck,
-    L2 normalisation, then a weight-normalised bias-free layer whose gain is fixed at 1."""
-
-    def __init__(self, in_dim, hidden, bottleneck, prototypes):
-        super().__init__()
-        self.mlp = nn.Sequential(nn.Linear(in_dim, hidden), nn.GELU(), nn.Linear(hidden, hidden), nn.GELU(),
-                                 nn.Linear(hidden, bottleneck))
-        self.prototypes = nn.Parameter(torch.randn(prototypes, bottleneck) * bottleneck**-0.5)  # [K, d]
-
-    def forward(self, x):  # [B, C] -> [B, K], in [-1, 1]
-        z = F.normalize(self.mlp(x), dim=-1)  # [B, d]
-        return z @ F.normalize(self.prototypes, dim=-1).t()  # [B, K]
-
-    def flops(self):
-        return 2 * sum(p.numel() for p in self.parameters() if p.ndim == 2)
-
-
-def sqrt_distribution(scores, temperature):
-    """Prototype scores [B, K] -> sqrt(softmax(scores / tau)) [B, K]: unit vectors whose dot product is the
-    Bhattacharyya coefficient of two distributions (nCLIP's zero-shot score)."""
-    return torch.softmax(scores.float() / temperature, dim=-1).sqrt()
-# --- end shared: nclip-head ---
-
-
-class NCLIP(nn.Module):
-    """Two towers and a prototype head per modality."""
-
-    def __init__(self, model="tiny", vocab_size=data.VOCAB_SIZE, prototypes=1024, head_hidden=256,
-                 head_bottleneck=64, student_temp=0.1):
-        super().__init__()
-        cfg = PRESETS[model]
-        self.student_temp = student_temp
-        self.visual = VisionTower(cfg["image_size"], cfg["patch_size"], cfg["vision_width"], cfg["vision_layers"], cfg["vision_heads"])
-        self.text = TextTower(vocab_size, cfg["context_length"], cfg["text_width"], cfg["text_layers"], cfg["text_heads"])
-        self.image_head = PrototypeHead(cfg["vision_width"], head_hidden, head_bottleneck, prototypes)
-        self.text_head = PrototypeHead(cfg["text_width"], head_hidden, head_bottleneck, prototypes)
-
-    def forward(self, images, tokens):  # images [B, V, 3, H, W], tokens [B, T, L]; nCLIP uses view 0 of each
-        return {"image_scores": self.image_head(self.visual(images[:, 0])),  # [B, K]
-                "text_scores": self.text_head(self.text(tokens[:, 0]))}  # [B, K]
-
-    def after_step(self):
-        pass  # no temperature to clamp, no teacher to update
-
-    def zeroshot_heads(self):
-        """{name: (encode_image, encode_text)}: the Bhattacharyya score of the two modalities' distributions."""
-        return {"nclip": (lambda x: sqrt_distribution(self.image_head(self.visual(x)), self.student_temp),
-                          lambda t: sqrt_distribution(self.text_head(self.text(t)), self.student_temp))}
-
-    def flops_per_sample(self):
-        """Training FLOPs per pair: forward + backward (2x forward) of the towers and heads."""
-        return 3 * (self.visual.flops() + self.text.flops() + self.image_head.flops() + self.text_head.flops())
-
-
-def build_model(args):
-    return NCLIP(args.model, prototypes=args.prototypes, head_hidden=args.head_hidden,
-                 head_bottleneck=args.head_bottleneck, student_temp=args.student_temp)
-
-
-def train_views(args):
-    """The views the loader makes per sample: one CLIP crop of the image and the caption as it is."""
-    size = PRESETS[args.model]["image_size"]
-    return [augment.CLIPView(size, scale=(0.9, 1.0))], [augment.TextView()]
-
-
-# ---------------------------------------------------------------------------------------------------
-# Loss
-
-
-# --- shared: nclip-loss ---
-def entropy(p):  # [..., K] -> [...], in nats; 0 log 0 = 0
-    return torch.special.entr(p).sum(-1)
-
-
-@torch.no_grad()
-def sinkhorn(scores, epsilon=0.05, iters=3):
-    """Sinkhorn-Knopp targets (SwAV, Caron et al. 2020, arXiv:2006.09882), over the global batch:
-    Q = exp(scores / epsilon)^T [K, N], then alternately make every prototype's total 1/K and every
-    sample's total 1/N; returns this rank's rows [b, K], each summing to 1."""
-    world = get_world_size()
-    N, K = scores.shape[0] * world, scores.shape[1]
-    logits = scores.float() / epsilon  # [b, K]
-    m = logits.max()
-    if world > 1:
-        dist.all_reduce(m, op=dist.ReduceOp.MAX)
-    Q = torch.exp(logits - m).t()  # [K, b], this rank's columns of [K, N]; the shift cancels below
-    Q /= all_reduce_with_grad(Q.sum())
-    for _ in range(iters):
-        Q /= all_reduce_with_grad(Q.sum(dim=1, keepdim=True)) * K  # [K, b], every prototype's total: 1/K
-        Q /= Q.sum(dim=0, keepdim=True) * N  # [K, b], every sample's total: 1/N
-    return (Q * N).t()  # [b, K]
-
-
-def nclip_loss(image_scores, text_scores, student_temp=0.1, teacher_temp=0.04, reg_weight=1.0, targets="sinkhorn"):
-    """nCLIP (Zhou et al. 2023), exact under DDP; see the module docstring for the equation.
-
-    image_scores, text_scores: this rank's prototype scores z_I, z_T [b, K].
-    Prediction term: each rank's mean over its samples (the mean over ranks is the global mean).
-    Regulariser: p_bar is the mean of p over the global batch (summed over ranks with gradient), so it is
-    the same on every rank, as DDP's averaged gradient then is that of one process with the whole batch.
-    Returns (loss, diagnostics): H(p_bar) (log K at most; near 0 means collapse onto one prototype), the
-    mean per-sample entropy H(p) (near log K means uniform outputs) and the number of prototypes that are
-    the argmax of at least one sample of the global batch (averages over the two modalities)."""
-    b, K = image_scores.shape
-    log_p = {m: F.log_softmax(z.float() / student_temp, dim=-1) for m, z in (("I", image_scores), ("T", text_scores))}  # [b, K]
-    with torch.no_grad():  # pseudo-labels: sharpened softmax, or Sinkhorn-Knopp
-        q = {m: sinkhorn(z) if targets == "sinkhorn" else torch.softmax(z.float() / teacher_temp, dim=-1)
-             for m, z in (("I", image_scores), ("T", text_scores))}  # [b, K]
-    prediction = -((q["T"] * log_p["I"]).sum(-1).mean() + (q["I"] * log_p["T"]).sum(-1).mean()) / 2
-    N = b * get_world_size()
-    p_bar = {m: all_reduce_with_grad(lp.exp().sum(0)) / N for m, lp in log_p.items()}  # [K], global batch mean
-    regulariser = sum(math.log(K) - entropy(p_bar[m]) for m in p_bar) / 2
-    with torch.no_grad():
-        used = 0.0
-        for lp in log_p.values():
-            wins = torch.bincount(lp.argmax(-1), minlength=K).float()  # [K]
-            used = used + (all_reduce_with_grad(wins) > 0).sum().float() / 2
-        stats = {"prediction_loss": prediction.detach(), "entropy_regulariser": regulariser.detach(),
-                 "entropy_batch_mean": sum(entropy(p) for p in p_bar.values()) / 2,
-                 "entropy_per_sample": sum(entropy(lp.exp()).mean() for lp in log_p.values()) / 2,
-                 "prototypes_used": used}
-    return prediction + reg_weight * regulariser, stats
-# --- end shared: nclip-loss ---
-
-
-def compute_loss(out, args):
-    """The method's loss from the model outputs -> (loss, {name: value to log})."""
-    return nclip_loss(out["image_scores"], out["text_scores"], args.student_temp, args.teacher_temp, args.reg_weight, args.targets)
-
-
-# ---------------------------------------------------------------------------------------------------
-# Distributed helpers
-
-
-# --- shared: distributed ---
+# --- shared: collectives ---
 def get_rank():
     return dist.get_rank() if dist.is_initialized() else 0
 
 
 def get_world_size():
     return dist.get_world_size() if dist.is_initialized() else 1
-
-
-class GatherWithGrad(torch.autograd.Function):
-    """all_gather of [b, D] into [world * b, D] whose backward hands each rank the gradient of its own
-    slice summed over all ranks (an all-reduce, then the rank's slice; this works on gloo and NCCL)."""
-
-    @staticmethod
-    def forward(ctx, x):  # [b, D]
-        parts = [torch.empty_like(x) for _ in range(get_world_size())]  # world x [b, D]
-        dist.all_gather(parts, x.contiguous())
-        return torch.cat(parts)  # [N, D]
-
-    @staticmethod
-    def backward(ctx, grad):  # [N, D]
-        grad = grad.clone()  # never all-reduce autograd's buffer in place
-        dist.all_reduce(grad)  # sum over ranks of d(loss on rank r) / d(every feature)
-        b = grad.shape[0] // get_world_size()
-        return grad[get_rank() * b : (get_rank() + 1) * b]  # [b, D]
-
-
-def gather_with_grad(x):
-    """All ranks' rows of x in rank order, differentiable; x itself on one process."""
-    return GatherWithGrad.apply(x) if get_world_size() > 1 else x
 
 
 class AllReduceWithGrad(torch.autograd.Function):
@@ -512,20 +504,16 @@ class AllReduceWithGrad(torch.autograd.Function):
 def all_reduce_with_grad(x):
     """Sum of x over ranks, differentiable (for statistics of the global batch); x itself on one process."""
     return AllReduceWithGrad.apply(x) if get_world_size() > 1 else x
+# --- end shared: collectives ---
 
 
 def print0(*args, **kwargs):
     if get_rank() == 0:
         print(*args, **kwargs, flush=True)
-# --- end shared: distributed ---
 
 
-# ---------------------------------------------------------------------------------------------------
-# Training
-
-
-# --- shared: training ---
-GPU_PEAK_TFLOPS = {"H100": 989, "H200": 989, "A100": 312, "L40S": 362, "A10G": 70, "L4": 121, "V100": 125}  # dense bf16/fp16
+# Dense bf16/fp16 peak TFLOP/s by GPU name, for the MFU column.
+GPU_PEAK_TFLOPS = {"H100": 989, "H200": 989, "A100": 312, "L40S": 362, "A10G": 70, "L4": 121, "V100": 125}
 DEFAULT_STEPS = 600
 
 
@@ -543,8 +531,8 @@ def main(args):
         # of a rank of the failed attempt and fail to connect (seen with gloo on torch 2.14).
         store, _, _ = next(dist.rendezvous("env://"))
         store = dist.PrefixStore(f"attempt{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", store=store, rank=rank, world_size=world_size,
-                                device_id=device if device.type == "cuda" else None)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", store=store, rank=rank,
+                                world_size=world_size, device_id=device if device.type == "cuda" else None)
     # SIGTERM (a scheduler's kill) and SIGUSR1 (SLURM's warning before preemption) only raise a flag: the run
     # saves a checkpoint at the next step boundary and exits 0; `--resume auto` continues it. A second signal
     # while that is under way ends the process at once.
@@ -597,6 +585,13 @@ def save_checkpoint(path, state):
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+def peak_memory(device):
+    """Bytes: the peak of GPU memory allocated by tensors, or on a CPU the peak resident memory of the process."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def rng_state(device):
@@ -662,8 +657,8 @@ def build_training(args, device, precision):
         tower.transformer.grad_checkpointing = args.grad_checkpointing
     decay = [p for p in raw_model.parameters() if p.requires_grad and p.ndim >= 2]
     no_decay = [p for p in raw_model.parameters() if p.requires_grad and p.ndim < 2]  # gains, biases, temperatures
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": args.wd}, {"params": no_decay, "weight_decay": 0.0}],
-                                  lr=args.lr, betas=tuple(args.betas), eps=1e-6, fused=True)
+    groups = [{"params": decay, "weight_decay": args.wd}, {"params": no_decay, "weight_decay": 0.0}]
+    optimizer = torch.optim.AdamW(groups, lr=args.lr, betas=tuple(args.betas), eps=1e-6, fused=True)
     # A GradScaler in every precision: for fp16 it is the dynamic loss scale; in all precisions it checks
     # the gradients for inf/NaN and, with the fused AdamW, skips such a step on the device without a sync.
     scaler = torch.amp.GradScaler(device.type, init_scale=2.0**16 if precision == "fp16" else 1.0)
@@ -690,7 +685,10 @@ def train(args, device, rank, world_size, stop):
     """Build, resume, loop (log, checkpoint, evaluate, stop on a signal), final evaluation -> its record."""
     cuda = device.type == "cuda"
     precision, autocast = mixed_precision(args, device)
-    workers = args.workers if args.workers is not None else max(0, min(8, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", "1")) - 1))
+    workers = args.workers
+    if workers is None:  # the CPUs of this node shared by its ranks, one left for the rank itself, at most 8
+        cpus_per_rank = (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+        workers = max(0, min(8, cpus_per_rank - 1))
     ckpt_path = resolve_resume(args)
     if rank == 0:
         os.makedirs(args.out_dir, exist_ok=True)
@@ -722,9 +720,10 @@ def train(args, device, rank, world_size, stop):
     image_views, text_views = train_views(args)
     loader = data.build_loader(
         args.data, args.batch_size, image_views, text_views, rank=rank, world_size=world_size, workers=workers,
-        seed=args.seed, context_length=PRESETS[args.model]["context_length"], image_size=PRESETS[args.model]["image_size"],
-        start_step=start_step, state=data_state, pin_memory=cuda, csv_img_key=args.csv_img_key,
-        csv_caption_key=args.csv_caption_key, csv_separator=args.csv_separator, num_samples=args.train_num_samples)
+        seed=args.seed, context_length=PRESETS[args.model]["context_length"],
+        image_size=PRESETS[args.model]["image_size"], start_step=start_step, state=data_state, pin_memory=cuda,
+        csv_img_key=args.csv_img_key, csv_caption_key=args.csv_caption_key, csv_separator=args.csv_separator,
+        num_samples=args.train_num_samples)
     total_steps = args.steps or (math.ceil(args.epochs * loader.steps_per_epoch) if args.epochs else DEFAULT_STEPS)
 
     model = DDP(raw_model, device_ids=[device.index] if cuda else None) if world_size > 1 else raw_model
@@ -732,11 +731,13 @@ def train(args, device, rank, world_size, stop):
         model = torch.compile(model)
     peak_tflops = args.peak_tflops or gpu_peak_tflops(device, precision)
     if rank == 0:
+        run_info = {"method": METHOD, "args": vars(args), "world_size": world_size, "precision": precision,
+                    "total_steps": total_steps, "steps_per_epoch": loader.steps_per_epoch, "torch": torch.__version__,
+                    "python": platform.python_version(),
+                    "device": torch.cuda.get_device_name(device) if cuda else platform.processor() or "cpu",
+                    "parameters": sum(p.numel() for p in raw_model.parameters())}
         with open(os.path.join(args.out_dir, "run.json"), "w") as f:
-            json.dump({"method": METHOD, "args": vars(args), "world_size": world_size, "precision": precision,
-                       "total_steps": total_steps, "steps_per_epoch": loader.steps_per_epoch, "torch": torch.__version__,
-                       "python": platform.python_version(), "device": torch.cuda.get_device_name(device) if cuda else platform.processor() or "cpu",
-                       "parameters": sum(p.numel() for p in raw_model.parameters())}, f, indent=1)
+            json.dump(run_info, f, indent=1)
     print0(f"{METHOD}: {args.model} on {args.data}, {world_size} x {args.batch_size} per step, {total_steps} steps, "
            f"{precision} on {device.type}, {workers} loader workers per rank")
 
@@ -775,17 +776,19 @@ def train(args, device, rank, world_size, stop):
         done = step + 1
         if done % args.log_every == 0 or done == total_steps:
             keys = list(sums)
-            totals = torch.stack([sums[k] for k in keys] + [bad_total, torch.tensor(float(loader.skipped), device=device)])
+            skipped = torch.tensor(float(loader.skipped), device=device)
+            totals = torch.stack([sums[k] for k in keys] + [bad_total, skipped])  # summed over ranks below
             if world_size > 1:
                 dist.all_reduce(totals)
             totals, elapsed = totals.tolist(), time.time() - t_log
-            good = max(1, n_sum * world_size - int(totals[-2]))
+            good = max(1, n_sum * world_size - int(totals[-2]))  # finite steps of all ranks
             samples_per_s = n_sum * args.batch_size / elapsed
-            record = {"step": done, **{k: totals[i] / good for i, k in enumerate(keys)}, "lr": lr_at(step),
-                      "samples_per_s_per_gpu": samples_per_s, "data_time": data_time / n_sum,
-                      "mfu": raw_model.flops_per_sample() * samples_per_s / (peak_tflops * 1e12) if peak_tflops else None,
-                      "peak_mem_gb": (torch.cuda.max_memory_allocated(device) if cuda else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / 2**30,
-                      "skipped_samples": int(totals[-1]), "nonfinite_steps": int(totals[-2])}
+            record = {"step": done, **{k: totals[i] / good for i, k in enumerate(keys)}, "lr": lr_at(step)}
+            record["samples_per_s_per_gpu"] = samples_per_s
+            record["data_time"] = data_time / n_sum
+            record["mfu"] = raw_model.flops_per_sample() * samples_per_s / (peak_tflops * 1e12) if peak_tflops else None
+            record["peak_mem_gb"] = peak_memory(device) / 2**30
+            record["skipped_samples"], record["nonfinite_steps"] = int(totals[-1]), int(totals[-2])
             log(record, args)
             sums, n_sum, bad_total, data_time, t_log = {}, 0, torch.zeros((), device=device), 0.0, time.time()
             if int(bad_in_a_row) >= args.max_bad_steps:
@@ -793,7 +796,8 @@ def train(args, device, rank, world_size, stop):
                 if rank == 0:
                     save_checkpoint(os.path.join(args.out_dir, "ckpt.pt"), state)
                 raise SystemExit(f"{args.max_bad_steps} steps in a row had a non-finite loss; stopped at step {done} "
-                                 f"with the last good weights saved in {args.out_dir}/ckpt.pt (lower --lr or use --grad-clip)")
+                                 f"with the last good weights saved in {args.out_dir}/ckpt.pt "
+                                 f"(lower --lr or use --grad-clip)")
         stopping = torch.tensor(int("signal" in stop))
         if world_size > 1:
             dist.all_reduce(stopping, op=dist.ReduceOp.MAX, group=control)
@@ -813,8 +817,7 @@ def train(args, device, rank, world_size, stop):
     if len(result) > 1:  # the run's last log line is its final evaluation (unless --eval-dataset none)
         log(result, args)
     return result
-# --- end shared: training ---
-
+# --- end shared: plumbing ---
 
 if __name__ == "__main__":
     main(parse_args())

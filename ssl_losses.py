@@ -22,35 +22,18 @@ import torch.nn.functional as F
 # Distributed helpers
 
 
-def _world_size():
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+# --- shared: collectives ---
+def get_rank():
+    return dist.get_rank() if dist.is_initialized() else 0
 
 
-def _rank():
-    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+def get_world_size():
+    return dist.get_world_size() if dist.is_initialized() else 1
 
 
-class _GatherWithGrad(torch.autograd.Function):
-    """all_gather [b, ...] -> [world * b, ...]; backward: all-reduce (sum over ranks) the gradient of the
-    gathered tensor and return this rank's slice. Works on gloo and NCCL."""
-
-    @staticmethod
-    def forward(ctx, x):  # [b, D]
-        parts = [torch.empty_like(x) for _ in range(_world_size())]  # world x [b, D]
-        dist.all_gather(parts, x.contiguous())
-        return torch.cat(parts)  # [N, D]
-
-    @staticmethod
-    def backward(ctx, grad):  # [N, D]
-        grad = grad.clone()  # [N, D], never all-reduce autograd's buffer in place
-        dist.all_reduce(grad)  # sum over ranks s of d(loss_s) / d(every row)
-        b = grad.shape[0] // _world_size()
-        return grad[_rank() * b : (_rank() + 1) * b]  # [b, D]
-
-
-class _AllReduceWithGrad(torch.autograd.Function):
-    """all_reduce (sum) whose backward is also an all-reduce (sum) of the incoming gradient: every rank's
-    input feeds every rank's output, so its gradient is the sum of all ranks' output gradients."""
+class AllReduceWithGrad(torch.autograd.Function):
+    """Sum over ranks whose backward is also a sum over ranks: every rank's input reaches every rank's
+    output, so its gradient is the sum of all ranks' output gradients."""
 
     @staticmethod
     def forward(ctx, x):
@@ -65,14 +48,35 @@ class _AllReduceWithGrad(torch.autograd.Function):
         return grad
 
 
-def gather_with_grad(x):
-    """All ranks' rows of x in rank order, differentiable ([b, ...] -> [N, ...]); x itself on one process."""
-    return _GatherWithGrad.apply(x) if _world_size() > 1 else x
-
-
 def all_reduce_with_grad(x):
-    """Sum of x over ranks, differentiable; x itself on one process."""
-    return _AllReduceWithGrad.apply(x) if _world_size() > 1 else x
+    """Sum of x over ranks, differentiable (for statistics of the global batch); x itself on one process."""
+    return AllReduceWithGrad.apply(x) if get_world_size() > 1 else x
+# --- end shared: collectives ---
+
+
+# --- shared: gather ---
+class GatherWithGrad(torch.autograd.Function):
+    """all_gather of [b, D] into [world * b, D] whose backward hands each rank the gradient of its own
+    slice summed over all ranks (an all-reduce, then the rank's slice; this works on gloo and NCCL)."""
+
+    @staticmethod
+    def forward(ctx, x):  # [b, D]
+        parts = [torch.empty_like(x) for _ in range(get_world_size())]  # world x [b, D]
+        dist.all_gather(parts, x.contiguous())
+        return torch.cat(parts)  # [N, D]
+
+    @staticmethod
+    def backward(ctx, grad):  # [N, D]
+        grad = grad.clone()  # never all-reduce autograd's buffer in place
+        dist.all_reduce(grad)  # sum over ranks of d(loss on rank r) / d(every feature)
+        b = grad.shape[0] // get_world_size()
+        return grad[get_rank() * b : (get_rank() + 1) * b]  # [b, D]
+
+
+def gather_with_grad(x):
+    """All ranks' rows of x in rank order, differentiable; x itself on one process."""
+    return GatherWithGrad.apply(x) if get_world_size() > 1 else x
+# --- end shared: gather ---
 
 
 def _off_diagonal(M):  # [D, D] -> [D * (D - 1)], every entry but the diagonal
@@ -92,12 +96,12 @@ def simclr_loss(z1, z2, temperature=0.1):
     Each rank scores its 2b anchors against all 2N views (gathered with gradient) and returns the mean over
     its anchors; the mean over ranks is L."""
     b = z1.shape[0]
-    N = b * _world_size()
+    N = b * get_world_size()
     z1, z2 = F.normalize(z1.float(), dim=-1), F.normalize(z2.float(), dim=-1)  # [b, D] each
     anchors = torch.cat([z1, z2])  # [2b, D]: this rank's views, view 1 then view 2
     candidates = torch.cat([gather_with_grad(z1), gather_with_grad(z2)])  # [2N, D]: all views 1, all views 2
     logits = anchors @ candidates.t() / temperature  # [2b, 2N]
-    i = torch.arange(b, device=z1.device) + b * _rank()  # [b] global index of this rank's samples
+    i = torch.arange(b, device=z1.device) + b * get_rank()  # [b] global index of this rank's samples
     self_index = torch.cat([i, i + N])  # [2b] column of each anchor itself
     positive = torch.cat([i + N, i])  # [2b] column of the other view of the same sample
     is_self = F.one_hot(self_index, 2 * N).bool()  # [2b, 2N]
@@ -120,7 +124,7 @@ def barlow_twins_loss(z1, z2, lambd=5e-3):
         C = z1_n^T z2_n / N,    L = sum_i (1 - C_ii)^2 + lambda * sum_{i != j} C_ij^2
     Mean, (biased) variance and C are sums over the global batch through `all_reduce_with_grad`, so every
     rank returns the same global L. No loss scale here: Fini et al. (BarLIP) multiply L by 0.025 outside."""
-    N = z1.shape[0] * _world_size()
+    N = z1.shape[0] * get_world_size()
 
     def standardise(z):  # [b, D] -> [b, D], with global-batch statistics
         mean = all_reduce_with_grad(z.sum(0)) / N  # [D]
@@ -140,7 +144,7 @@ def vicreg_loss(z1, z2, sim_coeff=25.0, std_coeff=25.0, cov_coeff=1.0):
     As in the authors' code, v is halved per branch and Var/Cov divide by N - 1. The invariance term s is
     this rank's mean (the mean over ranks is the global mean); v and c use the global batch (a [D, D]
     all-reduce, like Barlow Twins; the official code all-gathers [N, D] instead) and are equal on all ranks."""
-    N = z1.shape[0] * _world_size()
+    N = z1.shape[0] * get_world_size()
     z1, z2 = z1.float(), z2.float()  # [b, D] each
     D = z1.shape[1]
     s = F.mse_loss(z1, z2)  # invariance, local mean over b * D entries
@@ -157,36 +161,30 @@ def vicreg_loss(z1, z2, sim_coeff=25.0, std_coeff=25.0, cov_coeff=1.0):
     return sim_coeff * s + std_coeff * (v1 + v2) / 2 + cov_coeff * (c1 + c2)
 
 
+# --- shared: sinkhorn ---
 @torch.no_grad()
 def sinkhorn(scores, epsilon=0.05, iters=3):
-    """Sinkhorn-Knopp (Cuturi 2013, arXiv:1306.0895) as in SwAV (Caron et al. 2020, arXiv:2006.09882,
-    eq. 3 and its distributed_sinkhorn code), epsilon = 0.05, 3 iterations. scores: [b, K] this rank's rows.
-        Q = exp(scores / epsilon)^T  [K, N],  Q /= sum(Q);  repeat: rows (prototypes) -> 1/K, columns (samples) -> 1/N
+    """Sinkhorn-Knopp (Cuturi 2013, arXiv:1306.0895) as in SwAV (Caron et al. 2020, arXiv:2006.09882, eq. 3
+    and its distributed_sinkhorn code), over the global batch. scores: this rank's rows [b, K].
+        Q = exp(scores / epsilon)^T [K, N],  Q /= sum(Q),
+        repeat: rows (prototypes) -> 1/K, columns (samples) -> 1/N
     Returns N * Q^T [b, K]: each sample's assignment sums to 1 (exactly; the prototype marginals N/K only
-    approximately after few iterations). Sums over samples (total, row sums) are all-reduced, so the
-    targets are those of the global batch. Stability: the global max of scores / epsilon (an all-reduce
-    MAX) is subtracted before exp, so nothing overflows; the constant factor cancels in Q /= sum(Q), so the
-    result is unchanged for any iters. An entry underflows to 0 only if its score lies more than ~85 epsilon
-    below the max (never for cosine scores, |s| <= 1, with epsilon >= 0.025); a whole row or column of
-    zeros would give NaN."""
-    world = _world_size()
+    approximately after few iterations). Sums over samples are all-reduced, so the targets are those of the
+    global batch. The global max of scores / epsilon is subtracted before exp (it cancels in Q /= sum(Q)), so
+    nothing overflows; an entry underflows to 0 only if its score lies ~85 epsilon below the max."""
+    world = get_world_size()
     N, K = scores.shape[0] * world, scores.shape[1]
     logits = scores.float() / epsilon  # [b, K]
-    m = logits.max()  # scalar, this rank
+    m = logits.max()  # scalar
     if world > 1:
-        dist.all_reduce(m, op=dist.ReduceOp.MAX)  # scalar, global batch
+        dist.all_reduce(m, op=dist.ReduceOp.MAX)  # the max over the global batch
     Q = torch.exp(logits - m).t()  # [K, b], this rank's columns of the [K, N] matrix
-    total = Q.sum()
-    if world > 1:
-        dist.all_reduce(total)
-    Q /= total  # the global Q sums to 1
+    Q /= all_reduce_with_grad(Q.sum())  # the global Q sums to 1
     for _ in range(iters):
-        row_sums = Q.sum(dim=1, keepdim=True)  # [K, 1]
-        if world > 1:
-            dist.all_reduce(row_sums)
-        Q /= row_sums * K  # each prototype's total weight: 1/K
-        Q /= Q.sum(dim=0, keepdim=True) * N  # each sample's total weight: 1/N (columns are local)
+        Q /= all_reduce_with_grad(Q.sum(dim=1, keepdim=True)) * K  # [K, b], every prototype's total: 1/K
+        Q /= Q.sum(dim=0, keepdim=True) * N  # [K, b], every sample's total: 1/N (columns are local)
     return (Q * N).t()  # [b, K], rows sum to 1
+# --- end shared: sinkhorn ---
 
 
 def swav_loss(scores_a, scores_b, temperature=0.1, epsilon=0.05, iters=3):

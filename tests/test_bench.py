@@ -11,7 +11,8 @@ def rates(text, pattern):
 
 
 def test_our_step_is_timed_for_each_batch_size(capsys):
-    bench.main(bench.parse_args(["--model", "tiny", "--batch-size", "4", "8", "--steps", "2", "--warmup", "1", "--repeats", "2", "--device", "cpu"]))
+    bench.main(bench.parse_args(["--model", "tiny", "--batch-size", "4", "8", "--steps", "2", "--warmup", "1",
+                                 "--repeats", "2", "--device", "cpu"]))
     rows = [line.split() for line in capsys.readouterr().out.splitlines() if line.startswith("tiny")]
     assert [(r[1], r[2]) for r in rows] == [("4", "fp32"), ("8", "fp32")]
     assert all(float(r[3]) > 0 for r in rows)
@@ -25,8 +26,10 @@ def test_loader_bench_times_both_sources_for_each_worker_count():
 
 
 def test_loader_flag_prints_the_loader_lines(capsys, monkeypatch):
-    monkeypatch.setattr(bench, "jpeg_shard", lambda path, n=256, size=(320, 256), real=bench.jpeg_shard: real(path, n=min(n, 16), size=size))
-    bench.main(bench.parse_args(["--model", "tiny", "--batch-size", "8", "--steps", "2", "--warmup", "1", "--repeats", "1", "--device", "cpu", "--loader"]))
+    monkeypatch.setattr(bench, "jpeg_shard",
+                        lambda path, n=256, size=(320, 256), real=bench.jpeg_shard: real(path, n=min(n, 16), size=size))
+    bench.main(bench.parse_args(["--model", "tiny", "--batch-size", "8", "--steps", "2", "--warmup", "1",
+                                 "--repeats", "1", "--device", "cpu", "--loader"]))
     out = capsys.readouterr().out
     assert len(rates(out, r"with the real loader .*: ([\d.]+) samples/s")) == 1
     assert len(rates(out, r"decode \+ augment.*: ([\d.]+) samples/s")) == 2
@@ -35,10 +38,12 @@ def test_loader_flag_prints_the_loader_lines(capsys, monkeypatch):
 
 def test_compare_openclip_ends_with_the_median_ratio(capsys):
     pytest.importorskip("open_clip")  # installed only for the benchmark, never a requirement
-    bench.main(bench.parse_args(["--model", "tiny", "--batch-size", "8", "--steps", "2", "--warmup", "1", "--repeats", "1", "--device", "cpu", "--compare-openclip"]))
+    bench.main(bench.parse_args(["--model", "tiny", "--batch-size", "8", "--steps", "2", "--warmup", "1",
+                                 "--repeats", "1", "--device", "cpu", "--compare-openclip"]))
     out = capsys.readouterr().out.strip().splitlines()
     row = next(line.split() for line in out if line.startswith("tiny"))
-    ours, theirs, ratio = float(row[3]), float(row[6]), float(row[-1])  # model batch precision ours MFU mem theirs mem ratio
+    # columns: model batch precision ours MFU mem theirs mem ratio
+    ours, theirs, ratio = float(row[3]), float(row[6]), float(row[-1])
     assert ratio == pytest.approx(ours / theirs, abs=0.01)  # printed to 2 decimals from unrounded rates
     assert re.fullmatch(r"ratio ours/openclip: \d+\.\d\d", out[-1])
 

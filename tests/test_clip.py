@@ -50,7 +50,8 @@ def test_label_smoothing_matches_its_definition():
     logits = 2.0 * image @ text.t()
     ls = 0.1
     target = torch.full((5, 5), ls / 5) + torch.eye(5) * (1 - ls)
-    expected = ((-target * logits.log_softmax(1)).sum(1).mean() + (-target * logits.t().log_softmax(1)).sum(1).mean()) / 2
+    expected = ((-target * logits.log_softmax(1)).sum(1).mean()
+                + (-target * logits.t().log_softmax(1)).sum(1).mean()) / 2
     assert torch.allclose(clip.clip_loss(image, text, torch.tensor(2.0), label_smoothing=ls), expected, atol=1e-6)
 
 
@@ -109,14 +110,16 @@ def test_gathering_without_gradient_would_be_caught():
 
 
 def half_batch_step_no_grad_gather(rank, world_size):
-    clip.GatherWithGrad.backward = staticmethod(lambda ctx, grad: grad[rank * (len(grad) // 2):(rank + 1) * (len(grad) // 2)] * 0)
+    clip.GatherWithGrad.backward = staticmethod(
+        lambda ctx, grad: grad[rank * (len(grad) // 2):(rank + 1) * (len(grad) // 2)] * 0)
     return half_batch_step(rank, world_size)
 
 
 # --- runs --------------------------------------------------------------------------------------------
 
 def run(args, nproc=1, timeout=300):
-    cmd = ([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] if nproc > 1 else [sys.executable])
+    cmd = ([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+           if nproc > 1 else [sys.executable])
     out = subprocess.run(cmd + [os.path.join(ROOT, "clip.py")] + args, capture_output=True, text=True, timeout=timeout,
                          env={**os.environ, "OMP_NUM_THREADS": "1"} if nproc > 1 else None)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]

@@ -89,7 +89,8 @@ def test_views_are_deterministic_under_a_seed_and_have_the_right_shape():
     x = augment.EvalView(40)(Image.new("RGB", (80, 50)))
     assert x.shape == (3, 40, 40)
     norm = augment.normalize(torch.full((2, 3, 4, 4), 255, dtype=torch.uint8))
-    assert norm.dtype == torch.float32 and torch.allclose(norm[0, :, 0, 0], (1 - torch.tensor(augment.MEAN)) / torch.tensor(augment.STD))
+    assert norm.dtype == torch.float32 and torch.allclose(norm[0, :, 0, 0],
+                                                          (1 - torch.tensor(augment.MEAN)) / torch.tensor(augment.STD))
 
 
 def test_text_ops():
@@ -269,7 +270,8 @@ def test_loader_batches_do_not_depend_on_the_number_of_workers():
     views = ([augment.CLIPView(16), augment.StrongView(16)], [augment.TextView(0.8), augment.TextView(0.8, eda=True)])
     batches = []
     for workers in (0, 2):
-        loader = data.build_loader("synthetic", 6, *views, workers=workers, seed=5, context_length=24, image_size=16, start_step=3)
+        loader = data.build_loader("synthetic", 6, *views, workers=workers, seed=5, context_length=24, image_size=16,
+                                   start_step=3)
         it = iter(loader)
         batches.append([next(it) for _ in range(3)])
         assert loader.step == 6

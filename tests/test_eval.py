@@ -132,8 +132,9 @@ def test_two_processes_give_the_numbers_of_one_process(tmp_path):
         rows = [(path, data.SYNTHETIC_CLASSNAMES[label]) for path, label in files] + \
                [(path, f"a {data.SYNTHETIC_CLASSNAMES[label]} on a background") for path, label in files[::2]]
         writer.writerows((os.path.relpath(p, tmp_path), caption) for p, caption in rows)
-    argv = ["--checkpoint", ckpt, "--eval-samples", "67", "--retrieval", str(tmp_path / "pairs.csv"), "--csv-img-key", "image",
-            "--csv-caption-key", "text", "--csv-separator", ";", "--linear-probe", "--probe-samples", "101", *FAST]
+    argv = ["--checkpoint", ckpt, "--eval-samples", "67", "--retrieval", str(tmp_path / "pairs.csv"),
+            "--csv-img-key", "image", "--csv-caption-key", "text", "--csv-separator", ";", "--linear-probe",
+            "--probe-samples", "101", *FAST]
     one, features, labels = cli_on_every_rank(0, 1, argv, 67)
     assert one["images"] == 67 and one["probe_samples"] == 101 and one["retrieval"] == "9 images, 14 captions"
     assert list(one["heads"]) == ["linear", "mlp", "mix"] and one["head"] == "linear"
@@ -159,7 +160,8 @@ def test_a_checkpoint_of_each_method_loads_and_evaluates(tmp_path, method):
     loaded, module, train_args, step = ez.load_model(str(tmp_path / "ckpt.pt"), "cpu")
     assert module.__name__ == method and step == 7 and train_args.model == "tiny" and not loaded.training
     assert all(torch.equal(v, loaded.state_dict()[k]) for k, v in model.state_dict().items())
-    record = ez.main(["--checkpoint", str(tmp_path / "ckpt.pt"), "--eval-samples", "64", "--out", str(tmp_path / "r.json"), *FAST])
+    record = ez.main(["--checkpoint", str(tmp_path / "ckpt.pt"), "--eval-samples", "64",
+                      "--out", str(tmp_path / "r.json"), *FAST])
     assert list(record["heads"]) == list(model.zeroshot_heads())
     with open(tmp_path / "r.json") as f:
         assert {"top1", "top5", "mean_per_class_recall", "heads"} <= json.load(f).keys()
@@ -184,8 +186,10 @@ def test_bad_checkpoints_are_refused_with_one_line_and_nothing_runs(tmp_path):
     try:
         torch.save({"method": "module_with_side_effect", "args": {}, "model": {}}, tmp_path / "other.pt")
         (tmp_path / "text.pt").write_text("not a checkpoint")
-        torch.save({"method": "clip", "args": vars(importlib.import_module("clip").parse_args([])), "model": {}}, tmp_path / "empty.pt")
-        cases = {"tampered.pt": "pickled objects other than tensors", "tampered.pkl": "pickled objects other than tensors",
+        torch.save({"method": "clip", "args": vars(importlib.import_module("clip").parse_args([])), "model": {}},
+                   tmp_path / "empty.pt")
+        cases = {"tampered.pt": "pickled objects other than tensors",
+                 "tampered.pkl": "pickled objects other than tensors",
                  "other.pt": "unknown method 'module_with_side_effect'", "text.pt": "not a loadable checkpoint",
                  "missing.pt": "No such file", "empty.pt": "weights do not fit clip.py"}
         for name, message in cases.items():
@@ -225,7 +229,8 @@ def test_cifar_in_torchvision_layout_is_read(tmp_path, monkeypatch, name):
     assert (len(test), len(train)) == (6, 20)
     assert classnames == ez.load_prompts(name)[0] and len(classnames) == classes and len(templates) == 18
     image, label = test[5]
-    assert torch.equal(image, torch.from_numpy(files[test_file][0][5].reshape(3, 32, 32))) and label == files[test_file][1][5]
+    assert (torch.equal(image, torch.from_numpy(files[test_file][0][5].reshape(3, 32, 32)))
+            and label == files[test_file][1][5])
     assert train[19][1] == files[train_files[-1]][1][-1]
     make_checkpoint(str(tmp_path / "ckpt.pt"))
     record = ez.main(["--checkpoint", str(tmp_path / "ckpt.pt"), "--dataset", name, "--data-dir", str(tmp_path),
@@ -243,8 +248,8 @@ def test_image_folders_imagenet_and_folder(tmp_path):
     assert classnames == ["red circle", "red square"] and templates == ez.FOLDER_TEMPLATES
     assert (len(test), len(train)) == (6, 12)
     make_checkpoint(str(tmp_path / "ckpt.pt"))
-    record = ez.main(["--checkpoint", str(tmp_path / "ckpt.pt"), "--dataset", "folder", "--data-dir", str(tmp_path / "folder"),
-                      "--linear-probe", "--precision", "bf16", *FAST])
+    record = ez.main(["--checkpoint", str(tmp_path / "ckpt.pt"), "--dataset", "folder",
+                      "--data-dir", str(tmp_path / "folder"), "--linear-probe", "--precision", "bf16", *FAST])
     assert (record["images"], record["classes"], record["probe_samples"]) == (6, 2, 12)
 
     wnids = ez.load_prompts("imagenet")[0]
@@ -308,7 +313,8 @@ def test_the_cli_reproduces_the_training_runs_own_zero_shot_top1(tmp_path):
     # 200 images (not a multiple of the 64 classes) and seed 3: another set of images gives another top-1 here
     result = clip.main(clip.parse_args(["--steps", "2", "--warmup", "2", "--batch-size", "16", "--eval-samples", "200",
                                         "--seed", "3", "--workers", "0", "--out-dir", run, "--log-every", "1"]))
-    out = subprocess.run([sys.executable, os.path.join(ROOT, "eval_zeroshot.py"), "--checkpoint", os.path.join(run, "ckpt.pt"),
+    out = subprocess.run([sys.executable, os.path.join(ROOT, "eval_zeroshot.py"),
+                          "--checkpoint", os.path.join(run, "ckpt.pt"),
                           "--out", str(tmp_path / "r.json"), "--gallery", str(tmp_path / "g.png")],  # default --workers
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]

@@ -117,9 +117,10 @@ def losses_and_gradients(rows):
     out = {}
     for targets in ("softmax", "sinkhorn"):
         loss, _ = nclip.nclip_loss(inputs["image_scores"], inputs["text_scores"], targets=targets)
-        out[f"nclip_{targets}"] = (loss.detach(), torch.autograd.grad(loss, (inputs["image_scores"], inputs["text_scores"])))
-    loss, _ = xclip.xclip_loss(inputs["image_features"], inputs["text_features"], torch.tensor(10.0), inputs["image_scores"],
-                               inputs["text_scores"], clip_weight=0.3, nclip_weight=0.7)
+        out[f"nclip_{targets}"] = (loss.detach(),
+                                   torch.autograd.grad(loss, (inputs["image_scores"], inputs["text_scores"])))
+    loss, _ = xclip.xclip_loss(inputs["image_features"], inputs["text_features"], torch.tensor(10.0),
+                               inputs["image_scores"], inputs["text_scores"], clip_weight=0.3, nclip_weight=0.7)
     out["xclip"] = (loss.detach(), torch.autograd.grad(loss, list(inputs.values())))
     return out
 
@@ -141,7 +142,8 @@ def test_two_processes_on_halves_equal_one_process():
 # --- runs --------------------------------------------------------------------------------------------
 
 def run(script, args, nproc=1):
-    cmd = ([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] if nproc > 1 else [sys.executable])
+    cmd = ([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+           if nproc > 1 else [sys.executable])
     out = subprocess.run(cmd + [os.path.join(ROOT, script)] + args, capture_output=True, text=True, timeout=300,
                          env={**os.environ, "OMP_NUM_THREADS": "1"} if nproc > 1 else None)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
@@ -170,7 +172,8 @@ def test_xclip_with_zero_nclip_weight_trains_like_clip(tmp_path):
     a = clip.CLIP("tiny")
     torch.manual_seed(0)
     b = xclip.XCLIP("tiny")
-    shared = [k for k in a.state_dict() if k.startswith(("visual.", "text.", "image_projection", "text_projection", "logit_scale"))]
+    shared = [k for k in a.state_dict()
+              if k.startswith(("visual.", "text.", "image_projection", "text_projection", "logit_scale"))]
     assert all(torch.equal(a.state_dict()[k], b.state_dict()[k]) for k in shared)
     images = torch.randint(0, 256, (6, 1, 3, 32, 32), dtype=torch.uint8)
     tokens = torch.randint(0, 1000, (6, 1, 20))

@@ -80,7 +80,8 @@ def test_sigkill_at_a_random_step_then_resume_equals_an_uninterrupted_run(tmp_pa
         spec, workers = "synthetic", "1"
     args = ["--data", spec, "--workers", workers, "--steps", "24", "--batch-size", "16", "--save-every", "3"]
     run(command(tmp_path / "straight", *args, script=script))
-    killed = subprocess.Popen(command(tmp_path / "killed", *args, script=script), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    killed = subprocess.Popen(command(tmp_path / "killed", *args, script=script), stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL)
     wait_for_step(tmp_path / "killed", random.randint(4, 18), killed)
     killed.kill()  # SIGKILL: no handler runs
     assert killed.wait() == -signal.SIGKILL
@@ -91,7 +92,8 @@ def test_sigkill_at_a_random_step_then_resume_equals_an_uninterrupted_run(tmp_pa
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1])
 def test_a_preemption_signal_saves_at_the_next_step_and_exits_zero(tmp_path, sig):
     args = ["--steps", "400", "--batch-size", "16", "--save-every", "1000", "--workers", "0"]
-    process = subprocess.Popen(command(tmp_path / "run", *args), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    process = subprocess.Popen(command(tmp_path / "run", *args), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True)
     wait_for_step(tmp_path / "run", 3, process)
     process.send_signal(sig)
     stdout, _ = process.communicate(timeout=120)
@@ -105,8 +107,10 @@ def test_a_preemption_signal_saves_at_the_next_step_and_exits_zero(tmp_path, sig
 
 def test_sigusr1_to_one_torchrun_rank_stops_every_rank_at_the_same_step(tmp_path):
     args = ["--steps", "400", "--batch-size", "8", "--save-every", "1000", "--workers", "0"]
-    cmd = [PY, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"] + command(tmp_path / "run", *args)[1:]
-    process = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    cmd = ([PY, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+           + command(tmp_path / "run", *args)[1:])
+    process = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               env={**os.environ, "OMP_NUM_THREADS": "1"})
     wait_for_step(tmp_path / "run", 3, process)
     workers = [p for p in children(process.pid) if "clip.py" in open(f"/proc/{p}/cmdline").read()]
     assert len(workers) == 2
@@ -163,7 +167,8 @@ def nan_on(calls):
 
 
 def test_non_finite_steps_are_skipped_counted_and_stop_the_run(tmp_path, monkeypatch):
-    common = ["--steps", "8", "--batch-size", "8", "--workers", "0", "--eval-samples", "64", "--log-every", "1", "--warmup", "2"]
+    common = ["--steps", "8", "--batch-size", "8", "--workers", "0", "--eval-samples", "64", "--log-every", "1",
+              "--warmup", "2"]
     monkeypatch.setattr(clip, "compute_loss", nan_on({3, 4}))
     clip.main(clip.parse_args(common + ["--out-dir", str(tmp_path / "skip")]))
     with open(tmp_path / "skip" / "log.jsonl") as f:
@@ -174,9 +179,11 @@ def test_non_finite_steps_are_skipped_counted_and_stop_the_run(tmp_path, monkeyp
 
     saved = []
     monkeypatch.setattr(clip, "compute_loss", nan_on(set(range(3, 100))))
-    monkeypatch.setattr(clip, "save_checkpoint", lambda path, state: saved.append((state["step"], {k: v.clone() for k, v in state["model"].items()})))
+    monkeypatch.setattr(clip, "save_checkpoint", lambda path, state: saved.append(
+        (state["step"], {k: v.clone() for k, v in state["model"].items()})))
     with pytest.raises(SystemExit, match="3 steps in a row had a non-finite loss"):
-        clip.main(clip.parse_args(common + ["--out-dir", str(tmp_path / "stop"), "--max-bad-steps", "3", "--save-every", "2"]))
+        clip.main(clip.parse_args(common + ["--out-dir", str(tmp_path / "stop"), "--max-bad-steps", "3",
+                                            "--save-every", "2"]))
     (step_2, good), (stop_step, last) = saved[0], saved[-1]
     assert step_2 == 2 and stop_step == 5
     assert_same(good, last)  # the stop checkpoint holds the weights of the last good step
@@ -216,7 +223,8 @@ def test_torchrun_elastic_restart_resumes_from_the_last_checkpoint(tmp_path):
                 "--monitor-interval=0.2"] + command(out_dir, *args)[1:]
 
     run(torchrun(tmp_path / "straight", 0), env=env)
-    process = subprocess.Popen(torchrun(tmp_path / "elastic", 1), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    process = subprocess.Popen(torchrun(tmp_path / "elastic", 1), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True, env=env)
     wait_for_step(tmp_path / "elastic", 5, process)
     workers = [p for p in children(process.pid) if "clip.py" in open(f"/proc/{p}/cmdline").read()]
     os.kill(workers[-1], signal.SIGKILL)  # one worker dies; torchrun restarts both
