@@ -63,7 +63,7 @@ RECIPES = {  # --recipe presets (Fini et al. 2023, official code); a component f
     "improved": dict(strong_views=2, weak_crop_scale=0.5, strong_image_augment=True, text_augment=True,
                      mlp_projector=True, label_smoothing=0.1, text_dropout=0.2),
 }
-SSL_WEIGHTS = {"simclr": 1.0, "simsiam": 1.0, "byol": 1.0, "barlow": 0.025, "vicreg": 0.04, "swav": 0.2}
+SSL_WEIGHTS = {"simclr": 1.0, "simsiam": 1.0, "byol": 1.0, "barlow": 0.025, "vicreg": 0.04, "swav": 0.2, "swalip": 0.2}
 
 
 def method_args(parser):
@@ -98,25 +98,37 @@ def method_args(parser):
     g = parser.add_argument_group("CLIP + SSL baselines (SLIP, Mu et al. 2021; Fini et al. 2023)")
     g.add_argument("--ssl", default="none", choices=["none"] + list(SSL_WEIGHTS),
                    help="add a self-supervised loss: simclr on two extra SimCLR image views (SLIP); simsiam, byol, "
-                        "barlow, vicreg, swav between the image and the text embedding (SiamLIP, BYOLIP, BarLIP, "
-                        "VICReg, SwAV-style)")
+                        "barlow, vicreg between the image and the text embedding (SiamLIP, BYOLIP, BarLIP, VICReg); "
+                        "swav on learned prototypes, weak pair (SwALIPV1); swalip, the strong pairs with the other "
+                        "modality's batch as prototypes (SwALIP, needs --strong-views 2)")
     g.add_argument("--ssl-weight", type=float, default=None,
-                   help="weight of the SSL term (default: simclr/simsiam/byol 1, barlow 0.025, vicreg 0.04, swav 0.2)")
+                   help="weight of the SSL term (default: simclr/simsiam/byol 1, barlow 0.025, vicreg 0.04, "
+                        "swav/swalip 0.2)")
     g.add_argument("--ema", type=float, default=0.99, help="byol: momentum of the EMA teacher (BYOLIP: 0.99)")
+    g.add_argument("--swav-freeze-iters", type=int, default=100,
+                   help="swav: the prototypes get no update (no gradient step, no weight decay) in the first N "
+                        "optimizer steps, as SwAV and SwALIPV1 (--swalip-freeze-proto-iters) do; raise it with "
+                        "the warm-up if the assignments collapse early")
 
 
 def resolve_method_args(args, parser):
     """Fill the recipe's values into the flags not given, and refuse combinations that mean nothing."""
     explicit = {k for k in RECIPES["basic"] if getattr(args, k) is not None}
+    if args.ssl == "simclr" and args.weak_crop_scale is None:
+        args.weak_crop_scale = 0.5  # SLIP crops the CLIP view with scale (0.5, 1), in both recipes
     for key, value in RECIPES[args.recipe].items():
         if getattr(args, key) is None:
             setattr(args, key, value)
     if args.mlp_hidden is None:
         args.mlp_hidden = 256 if args.model == "tiny" else 4096
-    if args.ssl == "swav" and args.label_smoothing > 0:
+    if args.ssl in ("swav", "swalip") and args.label_smoothing > 0:
         if "label_smoothing" in explicit:  # Fini et al. run SwALIP without label smoothing
-            parser.error("--ssl swav runs without label smoothing (as SwALIP); drop --label-smoothing")
+            parser.error(f"--ssl {args.ssl} runs without label smoothing (as SwALIP); drop --label-smoothing")
         args.label_smoothing = 0.0
+    if args.ssl == "swalip" and args.strong_views != 2:
+        parser.error("--ssl swalip swaps between two strong views: use --strong-views 2 (or --recipe improved)")
+    if args.swav_freeze_iters < 0:
+        parser.error(f"--swav-freeze-iters must be >= 0, got {args.swav_freeze_iters}")
     if args.ssl_weight is None:
         args.ssl_weight = SSL_WEIGHTS.get(args.ssl, 0.0)
     strong_only = {"strong_image_augment", "mlp_projector", "label_smoothing", "text_dropout"}
@@ -132,10 +144,11 @@ class CLIP(nn.Module):
     """Two towers, a linear projection each and the learnable temperature t (scale s = exp(t)).
     Improved recipe: strong_views A > 0 adds A strong (image, text) views per sample, optionally through
     an MLP projector per modality with its own temperature, and dropout in the text tower for them.
-    ssl != 'none' adds the heads of that SSL loss (and for byol an EMA teacher, updated in after_step)."""
+    ssl != 'none' adds the heads of that SSL loss (and for byol an EMA teacher, updated in after_step); swalip
+    has none: it works on the strong-view embeddings."""
 
     def __init__(self, model="tiny", vocab_size=data.VOCAB_SIZE, strong_views=0, mlp_projector=False,
-                 mlp_hidden=4096, text_dropout=0.0, mix_weight=0.5, ssl="none", ema=0.99):
+                 mlp_hidden=4096, text_dropout=0.0, mix_weight=0.5, ssl="none", ema=0.99, swav_freeze_iters=100):
         super().__init__()
         cfg = PRESETS[model]
         vw, tw, D = cfg["vision_width"], cfg["text_width"], cfg["embed_dim"]
@@ -153,7 +166,7 @@ class CLIP(nn.Module):
             self.image_mlp = mlp([vw, mlp_hidden, mlp_hidden, D])
             self.text_mlp = mlp([tw, mlp_hidden, mlp_hidden, D])
             self.mlp_logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.1)))
-        if ssl != "none":
+        if ssl not in ("none", "swalip"):  # swalip has no head of its own: it uses the strong-view embeddings
             hidden, out, *prototypes = (SSL_HEADS_TINY if model == "tiny" else SSL_HEADS)[ssl]
             if ssl == "simclr":  # SLIP: an MLP on two extra image views
                 self.ssl_image = mlp([vw, hidden, hidden, out])
@@ -162,9 +175,12 @@ class CLIP(nn.Module):
                 self.ssl_text = mlp([tw, hidden, out], last_bn=True, last_affine=False)
                 self.predict_text = mlp([out, hidden, out])  # from the image embedding, predicts the text target
                 self.predict_image = mlp([out, hidden, out])
-            elif ssl == "swav":  # SwAV-style: a projector per modality, unit-norm prototypes shared by both
+            elif ssl == "swav":  # SwALIPV1: a projector per modality, unit-norm prototypes shared by both
                 self.ssl_image, self.ssl_text = mlp([vw, hidden, out]), mlp([tw, hidden, out])
-                self.prototypes = nn.Parameter(torch.randn(prototypes[0], out) * out**-0.5)  # [K, out]
+                self.swav_prototypes = Prototypes(out, prototypes[0], swav_freeze_iters)
+                # The freeze leaves the prototypes without a gradient, which DDP would wait for: DDP skips them
+                # and they average their gradient over ranks themselves (Prototypes.forward).
+                DDP._set_params_and_buffers_to_ignore_for_model(self, ["swav_prototypes.weight"])
             else:  # barlow (BarLIP: 3 layers, BN last), vicreg
                 self.ssl_image = mlp([vw, hidden, hidden, out], last_bn=ssl == "barlow")
                 self.ssl_text = mlp([tw, hidden, hidden, out], last_bn=ssl == "barlow")
@@ -201,13 +217,12 @@ class CLIP(nn.Module):
             out["strong_logit_scale"] = (self.mlp_logit_scale if self.has_mlp else self.logit_scale).exp()
         if self.ssl == "simclr":
             out["ssl_z1"], out["ssl_z2"] = self.ssl_image(f_image[:, -2]), self.ssl_image(f_image[:, -1])  # [B, d]
-        elif self.ssl != "none":
+        elif self.ssl == "swav":  # the weak pair only, as SwALIPV1 (built on CLIP without strong views)
+            out["ssl_image"] = self.swav_prototypes(self.ssl_image(f_image[:, 0]))  # [B, K]
+            out["ssl_text"] = self.swav_prototypes(self.ssl_text(f_text[:, 0]))  # [B, K]
+        elif self.ssl in ("simsiam", "byol", "barlow", "vicreg"):
             out["ssl_image"] = per_view(self.ssl_image, f_image[:, : 1 + A])  # [B, 1 + A, d]
             out["ssl_text"] = per_view(self.ssl_text, f_text)  # [B, 1 + A, d]
-            if self.ssl == "swav":
-                prototypes = F.normalize(self.prototypes, dim=-1)  # [K, d]
-                out["ssl_image"] = F.normalize(out["ssl_image"], dim=-1) @ prototypes.t()  # [B, 1 + A, K]
-                out["ssl_text"] = F.normalize(out["ssl_text"], dim=-1) @ prototypes.t()  # [B, 1 + A, K]
             if self.ssl in ("simsiam", "byol"):
                 out["ssl_image_pred"] = per_view(self.predict_text, out["ssl_image"])  # [B, 1 + A, d]
                 out["ssl_text_pred"] = per_view(self.predict_image, out["ssl_text"])  # [B, 1 + A, d]
@@ -215,14 +230,17 @@ class CLIP(nn.Module):
                 with torch.no_grad():
                     t = self.teacher
                     t_image = t["visual"](images[:, : 1 + A].flatten(0, 1)).unflatten(0, (B, 1 + A))  # [B, 1 + A, Cv]
-                    t_text = t["text"](tokens.flatten(0, 1)).unflatten(0, (B, 1 + A))  # [B, 1 + A, Ct]
+                    t_text = t["text"](tokens[:, 0])[:, None]  # [B, 1, Ct]
+                    if A > 0:  # the teacher runs in training mode too: text dropout on strong views (official code)
+                        t_strong = t["text"](tokens[:, 1:].flatten(0, 1), dropout=self.text_dropout)  # [B * A, Ct]
+                        t_text = torch.cat([t_text, t_strong.unflatten(0, (B, A))], dim=1)  # [B, 1 + A, Ct]
                     out["ssl_image"] = per_view(t["ssl_image"], t_image)  # [B, 1 + A, d]
                     out["ssl_text"] = per_view(t["ssl_text"], t_text)  # [B, 1 + A, d]
         return out
 
     def after_step(self):
         """After each optimizer step: clamp the temperatures (not in the forward, which would cut their
-        gradient at the bound) and move the EMA teacher towards the student."""
+        gradient at the bound), move the EMA teacher towards the student, count the step for the swav freeze."""
         with torch.no_grad():
             self.logit_scale.clamp_(0, math.log(100))
             if self.has_mlp:
@@ -231,6 +249,8 @@ class CLIP(nn.Module):
                 for part in self.ema_parts():
                     for teacher, student in zip(self.teacher[part].parameters(), getattr(self, part).parameters()):
                         teacher.lerp_(student, 1 - self.ema)
+        if self.ssl == "swav":
+            self.swav_prototypes.count_step()
 
     def zeroshot_heads(self):
         """{name: (encode_image, encode_text)} for the zero-shot evaluation; the first is the main one.
@@ -292,6 +312,51 @@ def per_view(head, features):
     return torch.stack([head(features[:, v]) for v in range(features.shape[1])], dim=1)
 
 
+class Prototypes(nn.Module):
+    """K learnable unit-norm prototypes c_k [K, d] (SwAV; Fini et al.'s SwALIPV1, a weight-normalised Linear with
+    the norm fixed at 1 and nn.Linear's initialisation), scores z . c_k of normalised embeddings. As in the
+    official code, the prototypes get no gradient in the first `freeze_iters` optimizer steps, so the optimizer
+    skips them (no step, no weight decay, Adam moments and step count untouched). DDP skips them too (see
+    CLIP.__init__): their gradient is averaged over ranks here, as DDP would."""
+
+    def __init__(self, dim, K, freeze_iters):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(K, dim).uniform_(-(dim**-0.5), dim**-0.5))  # [K, d]
+        self.freeze_iters, self.steps_done = freeze_iters, 0
+        self.frozen = freeze_iters > 0  # a bool, not the count, in the forward: torch.compile recompiles once
+
+    def forward(self, z):  # [B, d] -> [B, K]
+        c = self.weight.detach() if self.frozen else AverageGradient.apply(self.weight)  # [K, d]
+        return F.normalize(z, dim=-1) @ F.normalize(c, dim=-1).t()  # [B, K]
+
+    def count_step(self):
+        self.steps_done += 1
+        self.frozen = self.steps_done < self.freeze_iters
+
+    def get_extra_state(self):  # saved in the state dict, so a resumed run freezes for the same steps
+        return {"steps_done": self.steps_done}
+
+    def set_extra_state(self, state):
+        self.steps_done = state["steps_done"]
+        self.frozen = self.steps_done < self.freeze_iters
+
+
+class AverageGradient(torch.autograd.Function):
+    """Identity whose backward averages the gradient over ranks: what DDP does for the parameters it syncs."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        if get_world_size() == 1:
+            return grad
+        grad = grad.clone()  # never all-reduce autograd's buffer in place
+        dist.all_reduce(grad)
+        return grad / get_world_size()
+
+
 # SSL heads: (hidden, output) widths from the papers (SLIP; SiamLIP/BYOLIP; BarLIP; VICReg; SwALIP), and
 # narrower ones for the tiny preset. swav: output width, then the number of prototypes.
 SSL_HEADS = {"simclr": (4096, 256), "simsiam": (2048, 128), "byol": (2048, 128), "barlow": (3000, 8192),
@@ -303,7 +368,8 @@ SSL_HEADS_TINY = {"simclr": (256, 64), "simsiam": (256, 64), "byol": (256, 64), 
 def build_model(args):
     return CLIP(args.model, strong_views=args.strong_views, mlp_projector=args.mlp_projector,
                 mlp_hidden=args.mlp_hidden, text_dropout=args.text_dropout, mix_weight=args.mix_weight,
-                ssl=args.ssl, ema=args.ema)
+                ssl=args.ssl, ema=args.ema,
+                swav_freeze_iters=getattr(args, "swav_freeze_iters", 100))  # absent from older checkpoints' args
 
 
 def train_views(args):
@@ -366,25 +432,28 @@ def gather_with_grad(x):
 
 
 def ssl_loss(out, name):
-    """The SSL term, from ssl_losses.py. simclr: NT-Xent between the two extra image views (SLIP).
-    The others are cross-modal, as in Fini et al.: image embedding vs text embedding, averaged over the
-    weak pair and every (strong image view, strong text view) pair."""
+    """The SSL term, from ssl_losses.py. simclr: NT-Xent between the two extra image views (SLIP). The others
+    are cross-modal, as in Fini et al.: simsiam, byol (SiamLIP, BYOLIP), barlow (BarLIP) and vicreg are averaged
+    over the weak pair and every (strong image view, strong text view) pair; swav (SwALIPV1) takes the weak
+    pair; swalip (SwALIP) the strong pairs, from the strong-view embeddings and their temperature."""
     if name == "simclr":
         return ssl_losses.simclr_loss(out["ssl_z1"], out["ssl_z2"], temperature=0.1)
+    if name == "swav":  # scores on the shared prototypes; each modality predicts the other's Sinkhorn assignment
+        return ssl_losses.swav_loss(out["ssl_image"], out["ssl_text"], temperature=0.1)
+    if name == "swalip":
+        return ssl_losses.swalip_loss(out["strong_image"], out["strong_text"], out["strong_logit_scale"])
     A = out["ssl_image"].shape[1] - 1
     pairs = [(0, 0)] + [(1 + a, 1 + b) for a in range(A) for b in range(A)]  # (image view, text view)
     terms = []
     for i, t in pairs:
         z_i, z_t = out["ssl_image"][:, i], out["ssl_text"][:, t]  # [B, d] each
-        if name in ("simsiam", "byol"):  # each modality predicts the other's (stop-gradient / EMA) embedding
-            terms.append((ssl_losses.negative_cosine(out["ssl_image_pred"][:, i], z_t)
-                          + ssl_losses.negative_cosine(out["ssl_text_pred"][:, t], z_i)) / 2)
-        elif name == "barlow":
-            terms.append(ssl_losses.barlow_twins_loss(z_i, z_t))
-        elif name == "vicreg":
+        if name in ("simsiam", "byol"):  # D(p, v) = 2 - 2 cos(p, sg(v)), each modality predicting the other
+            terms.append((ssl_losses.byol_loss(out["ssl_image_pred"][:, i], z_t)
+                          + ssl_losses.byol_loss(out["ssl_text_pred"][:, t], z_i)) / 2)
+        elif name == "barlow":  # the projectors end in an affine BatchNorm: no second standardisation
+            terms.append(ssl_losses.barlow_twins_loss(z_i, z_t, standardise=False))
+        else:  # vicreg
             terms.append(ssl_losses.vicreg_loss(z_i, z_t))
-        else:  # swav: the scores on the shared prototypes
-            terms.append(ssl_losses.swav_loss(z_i, z_t))
     return torch.stack(terms).mean()
 
 

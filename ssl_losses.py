@@ -1,4 +1,4 @@
-"""Visual self-supervised losses (SimCLR, SimSiam/BYOL, Barlow Twins, VICReg, SwAV), exact under DDP.
+"""Visual self-supervised losses (SimCLR, BYOL/SimSiam, Barlow Twins, VICReg, SwAV) and SwALIP, exact under DDP.
 
 Each function takes this rank's LOCAL embeddings ([b, D], the same b on every rank) and takes every batch
 statistic (negatives, means, variances, covariances, cross-correlations, Sinkhorn sums) over the GLOBAL
@@ -109,30 +109,36 @@ def simclr_loss(z1, z2, temperature=0.1):
     return F.cross_entropy(logits, positive)
 
 
-def negative_cosine(p, z):
-    """SimSiam (Chen & He 2021, arXiv:2011.10566, eq. 1) / BYOL (Grill et al. 2020, arXiv:2006.07733):
-        D(p, z) = -mean_i  p_i . stopgrad(z_i) / (||p_i|| ||z_i||)
-    p: predictions [b, D] (receive gradient); z: targets [b, D] (detached here). No batch statistic: the
-    rank returns its local mean, and the mean over ranks is the global mean. SimSiam symmetrises,
-    D(p1, z2) / 2 + D(p2, z1) / 2; BYOL's 2 - 2 cos is 2 + 2 * D."""
-    return -F.cosine_similarity(p.float(), z.detach().float(), dim=-1).mean()  # [b] -> scalar
+def byol_loss(p, z):
+    """BYOL (Grill et al. 2020, arXiv:2006.07733, eq. 2): the squared distance of the L2-normalised
+    prediction and (stop-gradient) target,
+        L(p, z) = mean_i || p_i / ||p_i|| - sg(z_i) / ||z_i|| ||^2 = 2 - 2 mean_i cos(p_i, sg(z_i))
+    p: predictions [b, D] (receive gradient); z: targets [b, D] (detached here). Fini et al.'s SiamLIP and
+    BYOLIP use this form. SimSiam (Chen & He 2021, arXiv:2011.10566, eq. 1) writes D(p, z) = -cos(p, sg(z)) =
+    L / 2 - 1: the same minimiser with half the gradient. No batch statistic: the rank returns its local
+    mean, and the mean over ranks is the global mean."""
+    return 2 - 2 * F.cosine_similarity(p.float(), z.detach().float(), dim=-1).mean()  # [b] -> scalar
 
 
-def barlow_twins_loss(z1, z2, lambd=5e-3):
+def barlow_twins_loss(z1, z2, lambd=5e-3, standardise=True):
     """Barlow Twins (Zbontar, Jing, Misra, LeCun, Deny 2021, arXiv:2103.03230, eq. 1-2), lambda = 5e-3.
         z_n = (z - mean_batch z) / sqrt(var_batch z + 1e-5)  per dimension (the code's BatchNorm1d(affine=False))
         C = z1_n^T z2_n / N,    L = sum_i (1 - C_ii)^2 + lambda * sum_{i != j} C_ij^2
-    Mean, (biased) variance and C are sums over the global batch through `all_reduce_with_grad`, so every
-    rank returns the same global L. No loss scale here: Fini et al. (BarLIP) multiply L by 0.025 outside."""
+    standardise=False skips z_n = ...: C = z1^T z2 / N, for projectors that end in a BatchNorm of their own
+    (Fini et al.'s BarLIP ends in an affine BatchNorm, whose scale and shift the loss then sees). Mean,
+    (biased) variance and C are sums over the global batch through `all_reduce_with_grad`, so every rank
+    returns the same global L. No loss scale here: Fini et al. (BarLIP) multiply L by 0.025 outside."""
     N = z1.shape[0] * get_world_size()
 
-    def standardise(z):  # [b, D] -> [b, D], with global-batch statistics
+    def standardised(z):  # [b, D] -> [b, D], with global-batch statistics
         mean = all_reduce_with_grad(z.sum(0)) / N  # [D]
         var = all_reduce_with_grad(((z - mean) ** 2).sum(0)) / N  # [D]
         return (z - mean) / torch.sqrt(var + 1e-5)  # [b, D]
 
-    z1_n, z2_n = standardise(z1.float()), standardise(z2.float())  # [b, D] each
-    C = all_reduce_with_grad(z1_n.t() @ z2_n) / N  # [D, D] cross-correlation over the global batch
+    z1, z2 = z1.float(), z2.float()  # [b, D] each
+    if standardise:
+        z1, z2 = standardised(z1), standardised(z2)  # [b, D] each
+    C = all_reduce_with_grad(z1.t() @ z2) / N  # [D, D] cross-correlation over the global batch
     return ((1 - torch.diagonal(C)) ** 2).sum() + lambd * (_off_diagonal(C) ** 2).sum()
 
 
@@ -197,3 +203,30 @@ def swav_loss(scores_a, scores_b, temperature=0.1, epsilon=0.05, iters=3):
     log_p_a = F.log_softmax(scores_a.float() / temperature, dim=-1)  # [b, K]
     log_p_b = F.log_softmax(scores_b.float() / temperature, dim=-1)  # [b, K]
     return -((q_b * log_p_a).sum(-1) + (q_a * log_p_b).sum(-1)).mean() / 2
+
+
+def swalip_loss(h_image, h_text, logit_scale, epsilon=0.05, iters=3):
+    """SwALIP (Fini et al. 2023, arXiv:2305.08675; the official code's SwALIPLoss): SwAV's swapped prediction
+    across two views, with the other modality's (global) batch as the prototypes.
+    h_image, h_text: L2-normalised embeddings [b, 2, D] of two views of each sample (Fini et al.: the two
+    strong views, MLP projector); logit_scale: s, the learnable scale of those embeddings. For image view a
+    and caption view c, with H_c the captions of view c gathered over all ranks [N, D],
+        S_ac = h_image_a H_c^T [b, N],    Q_ac = sinkhorn(S_ac)  (no gradient; the N captions are the prototypes)
+        L = 1/4 sum_{a, c} 1/2 [ CE(s S_ac, Q_a'c') + CE(s S'_ca, Q'_c'a') ],   a' = 1 - a, c' = 1 - c
+    where S', Q' are the same with the modalities exchanged (captions scored against gathered images). Each
+    pair of views is trained towards the assignment computed from the other two views. Each rank returns
+    the mean over its rows; the gathered columns pass their gradient back to their owners, so DDP's gradient
+    is that of one process (the official code gathers without gradient)."""
+    assert h_image.shape[1] == h_text.shape[1] == 2, "SwALIP swaps between exactly two views"
+    all_image, all_text = gather_with_grad(h_image.float()), gather_with_grad(h_text.float())  # [N, 2, D] each
+    S_image = [[h_image[:, a].float() @ all_text[:, c].t() for c in range(2)] for a in range(2)]  # 2 x 2 x [b, N]
+    S_text = [[h_text[:, c].float() @ all_image[:, a].t() for a in range(2)] for c in range(2)]  # 2 x 2 x [b, N]
+    Q_image = [[sinkhorn(S, epsilon, iters) for S in row] for row in S_image]  # 2 x 2 x [b, N]
+    Q_text = [[sinkhorn(S, epsilon, iters) for S in row] for row in S_text]  # 2 x 2 x [b, N]
+
+    def cross_entropy(S, Q):  # mean over rows of -sum_k Q_k log softmax(s S)_k
+        return -(Q * F.log_softmax(logit_scale * S, dim=-1)).sum(-1).mean()
+
+    terms = [cross_entropy(S_image[a][c], Q_image[1 - a][1 - c]) + cross_entropy(S_text[c][a], Q_text[1 - c][1 - a])
+             for a in range(2) for c in range(2)]  # 4 x scalar
+    return torch.stack(terms).mean() / 2

@@ -1,10 +1,12 @@
 """clip.py: the loss against a naive reference, distributed exactness, smoke runs, resume, learning."""
 
+import io
 import json
 import math
 import os
 import subprocess
 import sys
+from contextlib import nullcontext
 
 import pytest
 import torch
@@ -13,6 +15,7 @@ import torch.nn.functional as F
 
 import clip
 from distributed import run_distributed
+from test_ssl_losses import naive_sinkhorn, naive_swalip
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FAST = ["--eval-samples", "128", "--workers", "0", "--log-every", "1"]
@@ -113,6 +116,184 @@ def half_batch_step_no_grad_gather(rank, world_size):
     clip.GatherWithGrad.backward = staticmethod(
         lambda ctx, grad: grad[rank * (len(grad) // 2):(rank + 1) * (len(grad) // 2)] * 0)
     return half_batch_step(rank, world_size)
+
+
+# --- the SSL terms against the official code (Fini et al. 2023, github.com/facebookresearch/clip-rocket) ---
+
+def ssl_outputs(A=2, B=6, d=5, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    keys = ("ssl_image", "ssl_text", "ssl_image_pred", "ssl_text_pred")
+    return {k: torch.randn(B, 1 + A, d, generator=g) for k in keys}
+
+
+def official_siamlip(out):
+    """SiamLIPLoss: D(p, v) = 2 - 2 cos(p, sg(v)), image predicts text and text predicts image, on the weak
+    pair and on every (strong view, strong view of the other modality) pair; the sum over the count."""
+    def D(p, v):
+        return 2 - 2 * (F.normalize(p, dim=-1) * F.normalize(v.detach(), dim=-1)).sum(dim=1).mean()
+
+    p_image, p_text = out["ssl_image_pred"].unbind(1), out["ssl_text_pred"].unbind(1)
+    v_image, v_text = out["ssl_image"].unbind(1), out["ssl_text"].unbind(1)
+    loss, count = D(p_image[0], v_text[0]) + D(p_text[0], v_image[0]), 2
+    for p in p_image[1:]:
+        for v in v_text[1:]:
+            loss, count = loss + D(p, v), count + 1
+    for p in p_text[1:]:
+        for v in v_image[1:]:
+            loss, count = loss + D(p, v), count + 1
+    return loss / count
+
+
+def official_barlip(out, lamb=5e-3):
+    """BarLIPLoss without its scale 0.025 (our --ssl-weight): C = z1^T z2 / N of the projector outputs."""
+    def barlip(z1, z2):
+        N, D = z1.shape
+        corr = torch.einsum("bi, bj -> ij", z1, z2) / N
+        diag = torch.eye(D)
+        cdif = (corr - diag).pow(2)
+        cdif[~diag.bool()] *= lamb
+        return cdif.sum()
+
+    v_image, v_text = out["ssl_image"].unbind(1), out["ssl_text"].unbind(1)
+    terms = [barlip(v_image[0], v_text[0])] + [barlip(a, b) for a in v_image[1:] for b in v_text[1:]]
+    return sum(terms) / len(terms)
+
+
+@pytest.mark.parametrize("A", [0, 2])
+def test_siamlip_byolip_and_barlip_terms_are_the_official_ones(A):
+    out = ssl_outputs(A)
+    for name in ("simsiam", "byol"):
+        torch.testing.assert_close(clip.ssl_loss(out, name), official_siamlip(out))
+    torch.testing.assert_close(clip.ssl_loss(out, "barlow"), official_barlip(out))
+    assert clip.parse_args(["--ssl", "barlow"]).ssl_weight == 0.025
+
+
+def strong_batch(n=6, image_views=3, text_views=3, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    images = torch.randint(0, 256, (n, image_views, 3, 32, 32), dtype=torch.uint8, generator=g)
+    tokens = torch.randint(0, 1000, (n, text_views, 20), generator=g)
+    tokens[:, :, 12] = clip.data.EOT_TOKEN
+    return images, tokens
+
+
+def test_swav_term_is_swalipv1_on_the_weak_pair():
+    """SwALIPV1Loss: scores on the shared unit prototypes of the weak image and caption; each modality's
+    logits / 0.1 against the Sinkhorn assignment of the other modality's scores."""
+    torch.manual_seed(0)
+    model = clip.build_model(clip.parse_args(["--recipe", "improved", "--ssl", "swav"]))
+    images, tokens = strong_batch()
+    loss = clip.ssl_loss(model(images, tokens), "swav")
+    C = F.normalize(model.swav_prototypes.weight, dim=-1).double()  # [K, d]
+    p_image = F.normalize(model.ssl_image(model.visual(images[:, 0])), dim=-1).double() @ C.t()  # [B, K]
+    p_text = F.normalize(model.ssl_text(model.text(tokens[:, 0])), dim=-1).double() @ C.t()  # [B, K]
+    ce = lambda logits, assign: -(assign * torch.log_softmax(logits, dim=1)).sum(1).mean()
+    expected = (ce(p_image / 0.1, naive_sinkhorn(p_text.detach(), 0.05, 3))
+                + ce(p_text / 0.1, naive_sinkhorn(p_image.detach(), 0.05, 3))) / 2
+    torch.testing.assert_close(loss.double(), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_swalip_term_uses_the_strong_views_and_their_temperature():
+    torch.manual_seed(0)
+    model = clip.build_model(clip.parse_args(["--recipe", "improved", "--ssl", "swalip"]))
+    out = model(*strong_batch())
+    expected = naive_swalip(out["strong_image"], out["strong_text"], out["strong_logit_scale"].double(), 0.05, 3)
+    torch.testing.assert_close(clip.ssl_loss(out, "swalip").double(), expected, atol=1e-5, rtol=1e-5)
+    with pytest.raises(SystemExit):  # SwALIP swaps between two strong views
+        clip.parse_args(["--ssl", "swalip"])
+
+
+def test_simclr_crops_the_clip_view_as_slip(capsys):
+    assert clip.parse_args([]).weak_crop_scale == 0.9
+    assert clip.parse_args(["--ssl", "simclr"]).weak_crop_scale == 0.5
+    assert clip.parse_args(["--ssl", "simclr", "--weak-crop-scale", "0.8"]).weak_crop_scale == 0.8
+    image_views, _ = clip.train_views(clip.parse_args(["--ssl", "simclr"]))
+    assert image_views[0].scale == (0.5, 1.0) and len(image_views) == 3
+
+
+# --- the swav prototypes' freeze: against the official loop, across a resume, under DDP ----------------
+
+def swav_training(freeze=2, batch_size=8):
+    args = clip.parse_args(["--ssl", "swav", "--swav-freeze-iters", str(freeze), "--batch-size", str(batch_size)])
+    torch.manual_seed(0)
+    return (args, *clip.build_training(args, torch.device("cpu"), "fp32"))
+
+
+SWAV_BATCHES = [strong_batch(8, 1, 1, seed=s) for s in range(3)]  # frozen in steps 0 and 1 (freeze 2)
+
+
+def swav_steps(model, optimizer, scaler, args, batches, ddp=None):
+    """train_step on each batch -> the prototypes after each step."""
+    prototypes = []
+    for images, tokens in batches:
+        clip.train_step(ddp or model, model, optimizer, scaler, images, tokens, args, nullcontext(), "fp32")
+        prototypes.append(model.swav_prototypes.weight.detach().clone())
+    return prototypes
+
+
+@pytest.fixture(scope="module")
+def swav_straight():
+    """3 steps with freeze 2, one process, batch 8: the run the three tests below reproduce another way."""
+    args, model, optimizer, scaler = swav_training()
+    initial = model.swav_prototypes.weight.detach().clone()
+    prototypes = swav_steps(model, optimizer, scaler, args, SWAV_BATCHES)
+    return {"initial": initial, "prototypes": prototypes, "model": model.state_dict(),
+            "adam_steps": optimizer.state[model.swav_prototypes.weight]["step"].item()}
+
+
+def assert_same_state(a, b, **tolerance):
+    for name, value in a.items():
+        if isinstance(value, torch.Tensor):
+            torch.testing.assert_close(b[name], value, msg=name, **tolerance)
+
+
+def test_swav_prototypes_freeze_as_in_the_official_loop(swav_straight):
+    """clip-rocket main.py: after backward, `p.grad = None` for the prototypes while it < freeze iters, then
+    the optimizer step, which then skips them: no update, no weight decay, no Adam state."""
+    p = swav_straight["prototypes"]
+    assert torch.equal(p[0], swav_straight["initial"]) and torch.equal(p[1], p[0]) and not torch.equal(p[2], p[1])
+    assert swav_straight["adam_steps"] == 1
+    args, ref, optimizer, _ = swav_training(freeze=0)
+    for it, (images, tokens) in enumerate(SWAV_BATCHES):
+        loss, _ = clip.compute_loss(ref(images, tokens), args)
+        loss.backward()
+        if it < 2:
+            ref.swav_prototypes.weight.grad = None
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        ref.after_step()
+    assert_same_state(swav_straight["model"], ref.state_dict(), atol=1e-6, rtol=1e-5)
+
+
+def test_swav_freeze_is_exact_across_a_resume(swav_straight):
+    args, first, optimizer, scaler = swav_training()
+    swav_steps(first, optimizer, scaler, args, SWAV_BATCHES[:2])
+    buffer = io.BytesIO()
+    torch.save({"model": first.state_dict(), "optimizer": optimizer.state_dict()}, buffer)
+    buffer.seek(0)
+    ckpt = torch.load(buffer, weights_only=True)
+    args, resumed, optimizer, scaler = swav_training()
+    resumed.load_state_dict(ckpt["model"])
+    optimizer.load_state_dict(ckpt["optimizer"])
+    swav_steps(resumed, optimizer, scaler, args, SWAV_BATCHES[2:])
+    assert resumed.swav_prototypes.steps_done == 3
+    assert_same_state(swav_straight["model"], resumed.state_dict(), atol=0, rtol=0)
+
+
+def swav_freeze_on_my_half(rank, world_size):
+    args, model, optimizer, scaler = swav_training(batch_size=4)
+    ddp = torch.nn.parallel.DistributedDataParallel(model)
+    half = slice(rank * 4, (rank + 1) * 4)
+    prototypes = swav_steps(model, optimizer, scaler, args, [(x[half], t[half]) for x, t in SWAV_BATCHES], ddp)
+    return {"prototypes": prototypes, "model": model.state_dict()}
+
+
+def test_swav_freeze_two_processes_equal_one_process(swav_straight):
+    halves = run_distributed(swav_freeze_on_my_half, 2)
+    for step, p in enumerate(swav_straight["prototypes"]):
+        assert torch.equal(halves[0]["prototypes"][step], halves[1]["prototypes"][step])  # in sync on both ranks
+        torch.testing.assert_close(halves[0]["prototypes"][step], p, atol=1e-4, rtol=1e-4)  # a wrong sync: ~lr
+    # Adam turns float noise on weights whose gradient is ~0 into updates of up to ~1e-5
+    assert_same_state(swav_straight["model"], halves[0]["model"], atol=1e-4, rtol=1e-4)
 
 
 # --- runs --------------------------------------------------------------------------------------------

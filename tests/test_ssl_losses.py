@@ -39,12 +39,13 @@ def naive_simclr(z1, z2, tau):
     return sum(l(2 * k, 2 * k + 1) + l(2 * k + 1, 2 * k) for k in range(N)) / (2 * N)
 
 
-def naive_negative_cosine(p, z):
+def naive_byol(p, z):
+    """BYOL eq. 2 as a squared distance of the normalised vectors (2 - 2 cos is its closed form)."""
     p, z = p.double(), z.detach().double()
-    return -sum(p[i] @ z[i] / (p[i].norm() * z[i].norm()) for i in range(len(p))) / len(p)
+    return sum(((p[i] / p[i].norm() - z[i] / z[i].norm()) ** 2).sum() for i in range(len(p))) / len(p)
 
 
-def naive_barlow_twins(z1, z2, lambd):
+def naive_barlow_twins(z1, z2, lambd, standardise=True):
     z1, z2 = z1.double(), z2.double()
     N, D = z1.shape
 
@@ -53,8 +54,9 @@ def naive_barlow_twins(z1, z2, lambd):
         var = sum((z[n, i] - mean) ** 2 for n in range(N)) / N
         return [(z[n, i] - mean) / torch.sqrt(var + 1e-5) for n in range(N)]
 
-    a = [standardised(z1, i) for i in range(D)]
-    b = [standardised(z2, j) for j in range(D)]
+    column = standardised if standardise else lambda z, i: [z[n, i] for n in range(N)]
+    a = [column(z1, i) for i in range(D)]
+    b = [column(z2, j) for j in range(D)]
     loss = 0
     for i in range(D):
         for j in range(D):
@@ -109,6 +111,27 @@ def naive_swav(scores_a, scores_b, tau, epsilon, iters):
     return loss / N
 
 
+def naive_swalip(h_image, h_text, scale, epsilon, iters):
+    """The official SwALIPLoss (Fini et al., losses.py), loop for loop: logits of view l1 against the other
+    modality's view l2, targets Sinkhorn of the unscaled logits, swapped to views (1 - l1, 1 - l2)."""
+    h_image, h_text = h_image.double(), h_text.double()
+    logits_image = [[h_image[:, l1] @ h_text[:, l2].t() for l2 in range(2)] for l1 in range(2)]
+    logits_text = [[h_text[:, l1] @ h_image[:, l2].t() for l2 in range(2)] for l1 in range(2)]
+    targets_image = [[naive_sinkhorn(x.detach(), epsilon, iters) for x in row] for row in logits_image]
+    targets_text = [[naive_sinkhorn(x.detach(), epsilon, iters) for x in row] for row in logits_text]
+
+    def cross_entropy(logits, targets):
+        return -torch.mean(torch.sum(targets * torch.log_softmax(logits, dim=1), dim=1))
+
+    loss = 0
+    for l1 in range(2):
+        for l2 in range(2):
+            t1, t2 = 1 - l1, 1 - l2
+            loss = loss + (cross_entropy(logits_image[l1][l2] * scale, targets_image[t1][t2])
+                           + cross_entropy(logits_text[l1][l2] * scale, targets_text[t1][t2])) / 2
+    return loss / 4
+
+
 # ---------------------------------------------------------------------------------------------------
 # Helpers
 
@@ -151,9 +174,9 @@ def test_simclr_matches_naive():
                         randn(B, D, seed=2), randn(B, D, seed=3))
 
 
-def test_negative_cosine_matches_naive_and_stops_gradient():
-    check_against_naive(ssl_losses.negative_cosine, naive_negative_cosine, randn(B, D, seed=4), randn(B, D, seed=5))
-    _, (grad_p, grad_z) = loss_and_grads(ssl_losses.negative_cosine, randn(B, D, seed=4), randn(B, D, seed=5))
+def test_byol_loss_matches_naive_and_stops_gradient():
+    check_against_naive(ssl_losses.byol_loss, naive_byol, randn(B, D, seed=4), randn(B, D, seed=5))
+    _, (grad_p, grad_z) = loss_and_grads(ssl_losses.byol_loss, randn(B, D, seed=4), randn(B, D, seed=5))
     assert grad_z is None and grad_p.abs().sum() > 0
 
 
@@ -162,6 +185,17 @@ def test_barlow_twins_matches_naive():
     check_against_naive(ssl_losses.barlow_twins_loss, lambda a, b: naive_barlow_twins(a, b, 5e-3), z1, z2)
     check_against_naive(lambda a, b: ssl_losses.barlow_twins_loss(a, b, lambd=0.5),
                         lambda a, b: naive_barlow_twins(a, b, 0.5), z1, 0.5 * z1 + z2)
+    # BarLIP: C = z1^T z2 / N of the projector's (BatchNorm) outputs, with no standardisation in the loss
+    check_against_naive(lambda a, b: ssl_losses.barlow_twins_loss(a, b, standardise=False),
+                        lambda a, b: naive_barlow_twins(a, b, 5e-3, standardise=False), 2 * z1 + 1, z2)
+
+
+def test_swalip_matches_the_official_loops():
+    h_image = F.normalize(randn(B, 2, D, seed=24), dim=-1)  # [B, 2 views, D]
+    h_text = F.normalize(randn(B, 2, D, seed=25), dim=-1)
+    for scale in (10.0, 3.0):
+        check_against_naive(lambda a, b: ssl_losses.swalip_loss(a, b, torch.tensor(scale)),
+                            lambda a, b: naive_swalip(a, b, scale, 0.05, 3), h_image, h_text)
 
 
 def test_vicreg_matches_naive():
@@ -199,12 +233,12 @@ def test_simclr_hand_cases():
     assert ssl_losses.simclr_loss(e, 3 * e, tau).item() == pytest.approx(expected, rel=1e-6)
 
 
-def test_negative_cosine_hand_cases():
+def test_byol_loss_hand_cases():  # 2 - 2 cos: 0 when aligned, 2 when orthogonal, 4 when opposite
     p = randn(B, D, seed=14)
-    assert ssl_losses.negative_cosine(p, 2 * p).item() == pytest.approx(-1.0, abs=1e-6)
-    assert ssl_losses.negative_cosine(p, -p).item() == pytest.approx(1.0, abs=1e-6)
+    assert ssl_losses.byol_loss(p, 2 * p).item() == pytest.approx(0.0, abs=1e-6)
+    assert ssl_losses.byol_loss(p, -p).item() == pytest.approx(4.0, abs=1e-6)
     e = torch.eye(2)
-    assert ssl_losses.negative_cosine(e, e.flip(0)).item() == pytest.approx(0.0, abs=1e-7)
+    assert ssl_losses.byol_loss(e, e.flip(0)).item() == pytest.approx(2.0, abs=1e-7)
 
 
 def test_barlow_twins_hand_cases():
@@ -217,6 +251,9 @@ def test_barlow_twins_hand_cases():
     # all columns equal: C = 1 everywhere (up to eps), only the off-diagonal term remains: lambda * D (D - 1)
     z = HADAMARD[:, :1].repeat(1, 3)
     assert ssl_losses.barlow_twins_loss(z, z, lambd=0.1).item() == pytest.approx(0.1 * 3 * 2, rel=1e-4)
+    # without standardisation the scale counts: C = HADAMARD^T (3 HADAMARD) / 4 = 3 I
+    assert ssl_losses.barlow_twins_loss(HADAMARD, HADAMARD, standardise=False).item() == pytest.approx(0.0, abs=1e-12)
+    assert ssl_losses.barlow_twins_loss(HADAMARD, 3 * HADAMARD, standardise=False).item() == pytest.approx(D3 * 4.0)
 
 
 def test_vicreg_hand_cases():
@@ -273,17 +310,20 @@ def test_swav_hand_case_and_targets_carry_no_gradient():
 
 LOSSES = {
     "simclr": lambda a, b: ssl_losses.simclr_loss(a, b, 0.2),
-    "negative_cosine": ssl_losses.negative_cosine,
+    "byol": ssl_losses.byol_loss,
     "barlow_twins": lambda a, b: ssl_losses.barlow_twins_loss(a, b, lambd=0.1),
+    "barlow_twins_raw": lambda a, b: ssl_losses.barlow_twins_loss(a, b, lambd=0.1, standardise=False),
     "vicreg": ssl_losses.vicreg_loss,
     "swav": lambda a, b: ssl_losses.swav_loss(a, b, temperature=0.2, epsilon=0.1, iters=3),
+    "swalip": lambda a, b: ssl_losses.swalip_loss(a, b, torch.tensor(4.0), epsilon=0.1, iters=3),
 }
 
 
 def distributed_inputs():
     embeddings = 0.5 * randn(N_DIST, D, seed=20), 0.5 * randn(N_DIST, D, seed=21)
     scores = 0.2 * randn(N_DIST, K, seed=22), 0.2 * randn(N_DIST, K, seed=23)
-    return {name: scores if name == "swav" else embeddings for name in LOSSES}
+    views = F.normalize(randn(N_DIST, 2, D, seed=26), dim=-1), F.normalize(randn(N_DIST, 2, D, seed=27), dim=-1)
+    return {name: scores if name == "swav" else views if name == "swalip" else embeddings for name in LOSSES}
 
 
 def every_loss_on_my_half(rank, world_size, inputs):
@@ -310,7 +350,7 @@ def test_two_processes_match_one(two_process_results, name):
     loss, grads = loss_and_grads(LOSSES[name], *inputs)  # one process, whole batch
     rank_losses = torch.stack([r[name][0] for r in two_process_results])
     torch.testing.assert_close(rank_losses.mean(), loss, atol=1e-6, rtol=1e-5)
-    if name in ("barlow_twins",):  # built only from global statistics: the same value on every rank
+    if name in ("barlow_twins", "barlow_twins_raw"):  # built only from global statistics: the same on every rank
         torch.testing.assert_close(rank_losses, loss.expand(W), atol=1e-6, rtol=1e-5)
     b = N_DIST // W
     for i, g in enumerate(grads):
