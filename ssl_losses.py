@@ -216,7 +216,7 @@ def swalip_loss(h_image, h_text, logit_scale, epsilon=0.05, iters=3):
     where S', Q' are the same with the modalities exchanged (captions scored against gathered images). Each
     pair of views is trained towards the assignment computed from the other two views. Each rank returns
     the mean over its rows; the gathered columns pass their gradient back to their owners, so DDP's gradient
-    is that of one process (the official code gathers without gradient)."""
+    is that of one process (the official all-gather has no gradient on more than one GPU)."""
     assert h_image.shape[1] == h_text.shape[1] == 2, "SwALIP swaps between exactly two views"
     all_image, all_text = gather_with_grad(h_image.float()), gather_with_grad(h_text.float())  # [N, 2, D] each
     S_image = [[h_image[:, a].float() @ all_text[:, c].t() for c in range(2)] for a in range(2)]  # 2 x 2 x [b, N]
