@@ -83,9 +83,12 @@ def test_torchrun_logs_the_held_out_folders_zero_shot_top1_that_eval_zeroshot_re
     log = read_log(run)
     train_lines = [r for r in log if "loss" in r]
     assert [r["epoch"] for r in train_lines] == [s / 4 for s in range(1, 7)]  # 64 pairs / global batch 16
-    assert all(r["elapsed_s"] > 0 and r["time_left_s"] >= 0 for r in train_lines)
+    elapsed = [r["elapsed_s"] for r in train_lines]
+    assert 0 < elapsed[0] and elapsed == sorted(elapsed)
     evals = {r["step"]: r for r in log if "zeroshot_folder_top1" in r}
     assert list(evals) == [3, 6] and log[-1] is evals[6]  # the run's last line is its final evaluation
+    assert train_lines[-1]["time_left_s"] == evals[3]["eval_s"]  # no step left; the final evaluation, as long as
+    assert train_lines[-2]["time_left_s"] > evals[3]["eval_s"]  # the last one; before it one more step
     assert sorted(os.listdir(run)) == ["ckpt.pt", "ckpt_3.pt", "ckpt_6.pt", "log.jsonl", "run.json"]
     for step, logged in evals.items():
         record = ez.main(["--checkpoint", str(run / f"ckpt_{step}.pt"), "--dataset", "folder", "--data-dir", heldout,
