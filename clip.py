@@ -1034,8 +1034,9 @@ def train(args, device, rank, world_size, stop):
         open_curves(args, resumed=ckpt_path is not None)
     batch = world_size * args.batch_size
     print0(f"{METHOD}: {args.model} on {args.data}: {total_steps} steps = {total_steps / loader.steps_per_epoch:.4g} "
-           f"epochs of {loader.steps_per_epoch * batch} samples ({total_steps * batch} samples), global batch {batch} "
-           f"= {world_size} x {args.batch_size}; {precision} on {device.type}, {workers} loader workers per rank")
+           f"epochs of {loader.steps_per_epoch * batch} samples ({total_steps * batch} samples in all), global batch "
+           f"{batch} = {world_size} x {args.batch_size}; {precision} on {device.type}, {workers} loader workers "
+           f"per rank")
     print0(eval_plan(eval_sets, args))
     if args.keep_every:
         print0(f"keeping {args.out_dir}/ckpt_STEP.pt every {args.keep_every} steps besides the rolling ckpt.pt")

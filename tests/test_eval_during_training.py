@@ -76,7 +76,7 @@ def test_torchrun_logs_the_held_out_folders_zero_shot_top1_that_eval_zeroshot_re
            "--lr", "1e-2", "--workers", "1", "--log-every", "1", "--save-every", "0", "--out-dir", str(run)]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
-    assert "6 steps = 1.5 epochs of 64 samples (96 samples), global batch 16 = 2 x 8" in out.stdout
+    assert "6 steps = 1.5 epochs of 64 samples (96 samples in all), global batch 16 = 2 x 8" in out.stdout
     assert f"zero-shot on folder (37 images, {CLASSES} classes) and retrieval on {pairs} (9 images, 13 captions), " \
            f"every 3 steps and at the end" in out.stdout
 
