@@ -8,9 +8,10 @@ data loading is counted, and prints samples/s per process, MFU and peak memory f
   python bench.py --method xclip --model tiny --batch-size 64 128 256
   python bench.py --loader                                   # + the real loader; decode+augment images/s
 
-The captions of the random token batches have realistic lengths by default (--captions cc3m, see
-CAPTION_MEAN below), so our text tower runs up to the batch's last end-of-text token as in training (the
-`tokens` column); --captions full fills every caption to the context length.
+The steps go through TOKEN_BATCHES token batches in turn, whose captions have realistic lengths by default
+(--captions cc3m, see CAPTION_MEAN below): our text tower runs up to each batch's last end-of-text token, as
+in training (the `tokens` column gives the mean length run); --captions full fills every caption to the
+context length.
 --compare-openclip builds OpenCLIP's CLIP with the same tower sizes, vocabulary and context length, and
 times its training step as its training script runs it (ClipLoss, AdamW without weight decay on gains and
 biases, the same precision, all context_length positions of the same captions), alternating with ours so
@@ -24,6 +25,7 @@ the loader alone (synthetic 32 px, 224 px JPEG tar shards) with 1 and 2 workers.
 import argparse
 import importlib
 import io
+import itertools
 import math
 import os
 import statistics
@@ -39,9 +41,10 @@ import data
 # Caption lengths of the default token batches, in cl100k tokens before the end-of-text token: lognormal with
 # mean 13 and standard deviation 6 (median 12, 99th percentile 33, 99.9th 46), cut to the context. Web
 # captions are short: CC3M's average 10.3 words (Sharma et al. 2018, "Conceptual Captions", ACL), about 13
-# cl100k tokens; the lognormal is our model of the spread and the tail. A batch runs up to its longest caption:
-# at batch 16 that needs 27 positions on average, at batch 256 43 (rounded up to multiples of 8: 31 and 46).
+# cl100k tokens; the lognormal is our model of the spread and the tail. The text tower runs up to a batch's
+# longest caption + EOT: at batch 16 that is 27 positions on average (of 77), at batch 256 43, at 1024 51.
 CAPTION_MEAN, CAPTION_SD = 13.0, 6.0
+TOKEN_BATCHES = 8  # the steps cycle through this many token batches, so that the batch's longest caption varies
 
 
 def parse_args(argv=None):
@@ -109,16 +112,17 @@ def random_tokens(batch_size, text_views, context_length, captions="cc3m", seed=
 
 
 def random_batch(preset, batch_size, image_views=1, text_views=1, captions="cc3m"):
-    """uint8 images [B, V, 3, H, W] and full-context tokens [B, T, L], on the CPU."""
+    """uint8 images [B, V, 3, H, W] and TOKEN_BATCHES full-context token batches [B, T, L], on the CPU."""
     g = torch.Generator().manual_seed(0)
     size = preset["image_size"]
     images = torch.randint(0, 256, (batch_size, image_views, 3, size, size), dtype=torch.uint8, generator=g)
-    return images, random_tokens(batch_size, text_views, preset["context_length"], captions)
+    return images, [random_tokens(batch_size, text_views, preset["context_length"], captions, seed)
+                    for seed in range(TOKEN_BATCHES)]
 
 
 def ours(method, preset, batch_size, device, args):
-    """Our train_step with the method file's own model, optimizer and scaler, on a batch whose tokens are cut
-    after the last end-of-text token as the training loader cuts them. -> (..., the full-context tokens)"""
+    """Our train_step with the method file's own model, optimizer and scaler, on token batches cut after
+    their last end-of-text token as the training loader cuts them. -> (..., the full-context token batches)"""
     module = importlib.import_module(method)
     flags = ["--model", preset, "--device", device.type] + (["--precision", args.precision] if args.precision else [])
     flags += (["--grad-checkpointing"] if args.grad_checkpointing else []) + (["--compile"] if args.compile else [])
@@ -129,18 +133,20 @@ def ours(method, preset, batch_size, device, args):
     model = torch.compile(raw_model) if args.compile else raw_model
     image_views, text_views = module.train_views(train_args)
     images, tokens = random_batch(module.PRESETS[preset], batch_size, len(image_views), len(text_views), args.captions)
-    batch = (images.to(device), data.trim_tokens(tokens).to(device))
+    batch = (images.to(device), [data.trim_tokens(t).to(device) for t in tokens])
+    steps = itertools.count()
 
-    def step(b):
-        module.train_step(model, raw_model, optimizer, scaler, b[0], b[1], train_args, autocast, precision)
-    flops = raw_model.flops_per_sample(text_length=batch[1].shape[-1])
+    def step(b):  # b: (images, token batches), one token batch after the other
+        text = b[1][next(steps) % len(b[1])]
+        module.train_step(model, raw_model, optimizer, scaler, b[0], text, train_args, autocast, precision)
+    flops = statistics.mean(raw_model.flops_per_sample(text_length=t.shape[-1]) for t in batch[1])
     return step, batch, flops, precision, module, train_args, tokens
 
 
 def openclip(method_module, preset, batch_size, device, precision, args, tokens):
     """OpenCLIP's CLIP with the same sizes, trained as open_clip_train does: ClipLoss, AdamW (foreach),
-    autocast, logit scale clamped after the step; on `tokens` [B, L], all L positions, as OpenCLIP's loader
-    pads every caption to the context length."""
+    autocast, logit scale clamped after the step; on token batches [B, L] in turn, all L positions, as
+    OpenCLIP's loader pads every caption to the context length."""
     import open_clip
     from open_clip.loss import ClipLoss
     from open_clip.model import CLIP, CLIPTextCfg, CLIPVisionCfg
@@ -164,11 +170,12 @@ def openclip(method_module, preset, batch_size, device, precision, args, tokens)
     loss_fn, compiled = ClipLoss(), torch.compile(model) if args.compile else model
     g = torch.Generator().manual_seed(0)
     images = torch.randn(batch_size, 3, cfg["image_size"], cfg["image_size"], generator=g).to(device)
-    batch = (images, tokens.to(device))
+    batch = (images, [t.to(device) for t in tokens])
+    steps = itertools.count()
 
     def step(b):
         with autocast:
-            out = compiled(b[0], b[1])
+            out = compiled(b[0], b[1][next(steps) % len(b[1])])
             loss = loss_fn(out["image_features"], out["text_features"], out["logit_scale"])
         (scaler.scale(loss) if scaler else loss).backward()
         if scaler:
@@ -252,7 +259,7 @@ def main(args):
         for batch_size in args.batch_size or [256 if preset == "tiny" else 16]:
             step, batch, flops, precision, module, train_args, tokens = ours(args.method, preset, batch_size, device,
                                                                              args)
-            other = (openclip(module, preset, batch_size, device, precision, args, tokens[:, 0])
+            other = (openclip(module, preset, batch_size, device, precision, args, [t[:, 0] for t in tokens])
                      if args.compare_openclip else None)
             mine, theirs, mem, their_mem = [], [], None, None
             for _ in range(args.repeats):  # alternate, so that drift of the machine hits both alike
@@ -263,7 +270,8 @@ def main(args):
                     theirs.append(rate)
             peak = module.gpu_peak_tflops(device, precision)
             mfu = f"{flops * statistics.median(mine) / (peak * 1e12):.1%}" if peak else "-"
-            row = (f"{preset:<10}{batch_size:>6}{precision:>10}{batch[1].shape[-1]:>7}"
+            length = statistics.mean(t.shape[-1] for t in batch[1])  # text positions run, mean over the batches
+            row = (f"{preset:<10}{batch_size:>6}{precision:>10}{length:>7.1f}"
                    f"{statistics.median(mine):>10.1f}{mfu:>7}{mem if mem is not None else '-':>9}")
             if other:
                 ratio = statistics.median(a / b for a, b in zip(mine, theirs))

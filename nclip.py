@@ -462,8 +462,8 @@ class TextTower(nn.Module):
         self.ln_final = nn.LayerNorm(width)
 
     def forward(self, tokens, dropout=0.0):  # tokens [B, L], any L <= context_length
-        # The loader cuts L after the batch's last EOT (data.trim_tokens): under the causal mask no later position
-        # reaches an EOT position, so the features are those of the full context, at a fraction of the compute.
+        # Batches come cut after their last EOT (data.trim_tokens): under the causal mask no later position reaches
+        # an EOT, so the features are those of the full context (with dropout: in distribution), at less compute.
         x = self.token_embedding(tokens) + self.positional_embedding[: tokens.shape[1]]  # [B, L, C]
         x = self.transformer(x, dropout)  # [B, L, C]
         eot = (tokens == data.EOT_TOKEN).int().argmax(dim=1)  # [B] position of the first end-of-text token

@@ -16,6 +16,14 @@ def test_our_step_is_timed_for_each_batch_size(capsys):
     rows = [line.split() for line in capsys.readouterr().out.splitlines() if line.startswith("tiny")]
     assert [(r[1], r[2]) for r in rows] == [("4", "fp32"), ("8", "fp32")]
     assert all(float(r[4]) > 0 for r in rows)
+    assert float(rows[0][3]) < 20  # mean text length run: CC3M-like captions of 4 stop well before the context
+
+
+def test_full_captions_run_the_whole_context(capsys):
+    bench.main(bench.parse_args(["--model", "tiny", "--batch-size", "4", "--steps", "1", "--warmup", "1",
+                                 "--repeats", "1", "--device", "cpu", "--captions", "full"]))
+    row = next(line.split() for line in capsys.readouterr().out.splitlines() if line.startswith("tiny"))
+    assert float(row[3]) == 20  # the tiny preset's context length
 
 
 def test_loader_bench_times_both_sources_for_each_worker_count():
