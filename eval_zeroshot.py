@@ -1,7 +1,10 @@
 """Evaluation of clip.py, nclip.py and xclip.py checkpoints: zero-shot classification, image-text retrieval,
-linear probe. The training scripts call `zeroshot_classify` (and so these same functions) while they train.
+linear probe. The training scripts call `classification_sets`, `retrieval_set`, `subset`, `zeroshot_classify` and
+`retrieve` (and so these same functions) while they train: this tool on a kept `ckpt_STEP.pt` reports the numbers
+that the run logged at that step.
 
   python eval_zeroshot.py --checkpoint runs/clip/ckpt.pt     # the held-out synthetic images of the training log
+  python eval_zeroshot.py --checkpoint runs/clip/ckpt_2000.pt --dataset imagenet --data-dir /data/imagenet
   python eval_zeroshot.py --checkpoint ckpt.pt --dataset cifar10 --data-dir /data/cifar --linear-probe --out r.json
   python eval_zeroshot.py --checkpoint ckpt.pt --retrieval /data/flickr30k/test.csv --gallery gallery.png
   torchrun --standalone --nproc_per_node=8 eval_zeroshot.py --checkpoint ckpt.pt \
@@ -25,9 +28,10 @@ Protocols
   Ties, everywhere: an item's rank is the number of wrong items scoring at least as high as the best right one
   (pessimistic: a tie never helps), so no number depends on a sort order.
 
-Datasets (--dataset, --data-dir DIR), every image through augment.EvalView at the checkpoint's image size
-  synthetic    the 'val' split of data.SyntheticPairs, its first --eval-samples images; by default the
-               checkpoint's own --eval-samples and --seed: the top-1 is the training log's zeroshot_top1.
+Datasets (--dataset, --data-dir DIR), every image through augment.EvalView at the checkpoint's image size;
+--eval-samples N takes N images evenly spaced through the set (by default, on the set that the training run
+evaluated on, the run's own --eval-samples: the top-1 is the log's zeroshot_DATASET_top1 of that step)
+  synthetic    the 'val' split of data.SyntheticPairs (2048 images), drawn with the checkpoint's --seed.
                Probe: PROBE_SYNTHETIC_SAMPLES images of the train split.
   imagenet     DIR/val (else DIR) holds the 1000 WordNet-id folders (n01440764, ...); OpenAI's class names and
                80 templates from eval_data/prompts.json, in sorted-wnid order. Probe: DIR/train.
@@ -168,6 +172,25 @@ def zeroshot_classify(heads, dataset, classnames, templates, context_length, dev
     return {name: classification_metrics(features[name] @ classifiers[name], labels, len(classnames)) for name in heads}
 
 
+def retrieve(heads, images, captions, device, batch_size=256, workers=0, autocast=None, rank=0, world_size=1):
+    """Image<->text recall@k of every head on `retrieval_set`'s (images, captions), sharded over ranks.
+    -> {name: {i2t_r1, ..., t2i_r10}}"""
+    common = dict(device=device, batch_size=batch_size, workers=workers, autocast=autocast, rank=rank,
+                  world_size=world_size)
+    image_features, _ = encode_dataset({name: head[0] for name, head in heads.items()}, images, **common)
+    text_features, text_to_image = encode_dataset({name: head[1] for name, head in heads.items()}, captions,
+                                                  collate_fn=functools.partial(data.collate, tokens_at=0), **common)
+    return {name: retrieval_metrics(image_features[name], text_features[name], text_to_image) for name in heads}
+
+
+def subset(dataset, n=None):
+    """n items evenly spaced through `dataset` (all of it if n is None or larger): every class of a set stored
+    class by class (ImageFolder, the synthetic split's 64-class cycle) keeps its share."""
+    if n is None or n >= len(dataset):
+        return dataset
+    return torch.utils.data.Subset(dataset, [i * len(dataset) // n for i in range(n)])
+
+
 # ---------------------------------------------------------------------------------------------------
 # Datasets: every evaluation set yields (uint8 image [3, S, S], label)
 
@@ -220,14 +243,15 @@ def image_folder(root, what):
         raise SystemExit(f"{what} {root}: {str(e)[:300]}") from None
 
 
-def classification_sets(name, data_dir, image_size, seed=0, probe=False):
-    """-> (test set, train set for the linear probe if `probe` else None, class names, templates)."""
+def classification_sets(name, data_dir, image_size, seed=0, probe=False, flag="--dataset"):
+    """-> (test set, train set for the linear probe if `probe` else None, class names, templates). Errors name
+    `flag` (the training scripts call this for their --eval-dataset)."""
     if name == "synthetic":
         test, classnames, templates = synthetic_eval_set(image_size, seed)
         train = LabeledImages(data.SyntheticPairs("train", image_size, seed), image_size) if probe else None
         return test, train, classnames, templates
     if not data_dir or not os.path.isdir(data_dir):
-        raise SystemExit(f"--dataset {name} needs --data-dir, an existing folder (got {data_dir!r})")
+        raise SystemExit(f"{flag} {name} needs --data-dir, an existing folder (got {data_dir!r})")
     import torchvision.datasets  # imported here: it costs seconds that training runs need not pay
 
     if name in ("cifar10", "cifar100"):
@@ -237,21 +261,21 @@ def classification_sets(name, data_dir, image_size, seed=0, probe=False):
             train = cifar(data_dir, train=True, download=False) if probe else None
         except RuntimeError:  # torchvision: "Dataset not found or corrupted" (a missing file or a bad checksum)
             files = ",".join([f for f, _ in cifar.train_list + cifar.test_list] + [cifar.meta["filename"]])
-            raise SystemExit(f"--dataset {name}: no intact copy in {data_dir}: expected "
+            raise SystemExit(f"{flag} {name}: no intact copy in {data_dir}: expected "
                              f"{os.path.join(data_dir, cifar.base_folder)}/{{{files}}} "
                              f"(the extracted python archive)") from None
         classnames, templates = load_prompts(name)
     else:
         test_dir = next((os.path.join(data_dir, s) for s in ("val", "test")
                          if os.path.isdir(os.path.join(data_dir, s))), data_dir)
-        test = image_folder(test_dir, f"--dataset {name}:")
+        test = image_folder(test_dir, f"{flag} {name}:")
         train = image_folder(os.path.join(data_dir, "train"), "--linear-probe needs a train split:") if probe else None
         if train is not None and train.classes != test.classes:
             raise SystemExit(f"--linear-probe: {data_dir}/train and {test_dir} have different class folders")
         if name == "imagenet":
             classnames, templates = load_prompts("imagenet")
             if len(test.classes) != len(classnames) or not all(re.fullmatch(r"n\d{8}", c) for c in test.classes):
-                raise SystemExit(f"--dataset imagenet: {test_dir} must hold the {len(classnames)} WordNet-id class "
+                raise SystemExit(f"{flag} imagenet: {test_dir} must hold the {len(classnames)} WordNet-id class "
                                  f"folders (n01440764, ...); found {len(test.classes)} "
                                  f"({', '.join(test.classes[:3])}, ...)")
         else:
@@ -260,20 +284,21 @@ def classification_sets(name, data_dir, image_size, seed=0, probe=False):
             classnames, templates)
 
 
-def retrieval_set(path, image_size, context_length, img_key="filepath", caption_key="caption", separator=None):
+def retrieval_set(path, image_size, context_length, img_key="filepath", caption_key="caption", separator=None,
+                  flag="--retrieval"):
     """A CSV of (image path, caption) rows -> (images: dataset of (uint8 image, index), captions: dataset of
-    (tokens [L], index of the caption's image))."""
+    (tokens [L], index of the caption's image)). Errors name `flag`."""
     if not os.path.isfile(path):
-        raise SystemExit(f"--retrieval {path}: no such file")
+        raise SystemExit(f"{flag} {path}: no such file")
     try:
         pairs = data.CsvPairs(path, img_key, caption_key, separator)
         captions = [data.check_caption(c) for c in pairs.captions]
     except ValueError as e:
-        raise SystemExit(f"--retrieval {path}: {e}") from None
+        raise SystemExit(f"{flag} {path}: {e}") from None
     paths = list(dict.fromkeys(pairs.paths))  # distinct images, in order of first appearance
     missing = [p for p in paths if not os.path.isfile(p)]
     if missing:
-        raise SystemExit(f"--retrieval {path}: {len(missing)} of {len(paths)} images are missing, e.g. {missing[0]}")
+        raise SystemExit(f"{flag} {path}: {len(missing)} of {len(paths)} images are missing, e.g. {missing[0]}")
     index = {p: i for i, p in enumerate(paths)}
     text_to_image = torch.tensor([index[p] for p in pairs.paths])  # [T]
     tokens = data.tokenize(captions, context_length)  # [T, L]
@@ -401,7 +426,8 @@ def parse_args(argv=None):
                    help="zero-shot classification set (layouts: see the module docstring)")
     p.add_argument("--data-dir", default=None, help="where the --dataset lives (all but synthetic)")
     p.add_argument("--eval-samples", type=int, default=None,
-                   help="evaluate on the first N images (default: all; synthetic: the checkpoint's --eval-samples)")
+                   help="evaluate on N images evenly spaced through the set (default: all; on the training run's "
+                        "own --eval-dataset: its --eval-samples)")
     p.add_argument("--retrieval", default=None, metavar="PAIRS.csv",
                    help="also image<->text recall@1/5/10 on a CSV with one row per caption")
     p.add_argument("--csv-img-key", default="filepath",
@@ -450,8 +476,10 @@ def evaluate(args, device, rank=0, world_size=1):
     # Every input is opened before the first forward, so bad input stops the run at once.
     dataset, probe_train, classnames, templates = classification_sets(
         args.dataset, args.data_dir, size, getattr(train_args, "seed", 0), args.linear_probe)
-    n = args.eval_samples or (getattr(train_args, "eval_samples", None) if args.dataset == "synthetic" else None)
-    dataset = torch.utils.data.Subset(dataset, range(min(n or len(dataset), len(dataset))))
+    # By default the images of the training run's own evaluation when this is its --eval-dataset (synthetic also
+    # for runs before that flag took other sets): the numbers of its log.
+    same_set = args.dataset == getattr(train_args, "eval_dataset", "synthetic")
+    dataset = subset(dataset, args.eval_samples or (getattr(train_args, "eval_samples", None) if same_set else None))
     if args.retrieval:
         images, captions = retrieval_set(args.retrieval, size, context_length, args.csv_img_key, args.csv_caption_key,
                                          args.csv_separator)
@@ -480,11 +508,8 @@ def evaluate(args, device, rank=0, world_size=1):
     record = {"checkpoint": args.checkpoint, "method": module.__name__, "step": step, "dataset": args.dataset,
               "images": len(dataset), "classes": len(classnames), "head": next(iter(heads))}
     if args.retrieval:
-        image_features, _ = encode_dataset(image_encoders, images, **common)  # {name: [N_img, D]}
-        text_features, text_to_image = encode_dataset({name: head[1] for name, head in heads.items()}, captions,
-                                                      **common, collate_fn=functools.partial(data.collate, tokens_at=0))
-        for name in heads:
-            results[name].update(retrieval_metrics(image_features[name], text_features[name], text_to_image))
+        for name, metrics in retrieve(heads, images, captions, **common).items():
+            results[name].update(metrics)
         record["retrieval"] = f"{len(images)} images, {len(captions)} captions"
     record.update(results[record["head"]])
     if args.linear_probe:

@@ -43,6 +43,7 @@ is the same in clip.py, nclip.py and xclip.py.
 """
 
 import argparse
+import importlib.util
 import json
 import math
 import os
@@ -315,12 +316,37 @@ def common_args(parser):
     g.add_argument("--out-dir", default=f"runs/{METHOD}", help="where ckpt.pt, log.jsonl and run.json go")
     g.add_argument("--resume", default=None,
                    help="'auto': continue from OUT_DIR/ckpt.pt if it exists; or the path of a checkpoint")
-    g.add_argument("--save-every", type=int, default=500, help="steps between checkpoints (and one at the end)")
+    g.add_argument("--save-every", type=int, default=500,
+                   help="steps between writes of the rolling OUT_DIR/ckpt.pt that --resume auto continues (and one "
+                        "at the end)")
+    g.add_argument("--keep-every", type=int, default=0,
+                   help="steps between kept snapshots OUT_DIR/ckpt_STEP.pt (0: none), for eval_zeroshot.py or "
+                        "--resume PATH later; each holds the optimizer too (about 3x the weights with AdamW)")
     g.add_argument("--log-every", type=int, default=50, help="steps between log lines")
-    g.add_argument("--eval-every", type=int, default=0, help="steps between zero-shot evaluations (0: only at the end)")
-    g.add_argument("--eval-dataset", default="synthetic", choices=["synthetic", "none"],
-                   help="zero-shot evaluation set: the held-out synthetic split, or none")
-    g.add_argument("--eval-samples", type=int, default=2048, help="held-out synthetic images to evaluate on")
+    g.add_argument("--tensorboard", nargs="?", const="", default=None, metavar="DIR",
+                   help="also write every logged number as a TensorBoard scalar to DIR (default: OUT_DIR/tensorboard); "
+                        "needs `pip install tensorboard`")
+    g.add_argument("--wandb", default=None, metavar="PROJECT",
+                   help="also log every number to this Weights & Biases project (`pip install wandb`); with "
+                        "WANDB_MODE=offline it stays in OUT_DIR/wandb, for `wandb sync` later")
+
+    g = parser.add_argument_group("evaluation during training, on every rank (eval_zeroshot.py gives the same numbers "
+                                  "for a checkpoint of the same step)")
+    g.add_argument("--eval-dataset", default=None, choices=["synthetic", "imagenet", "cifar10", "cifar100", "folder",
+                                                            "none"],
+                   help="zero-shot classification set (default: synthetic when --data is synthetic, else none); the "
+                        "layouts of eval_zeroshot.py: imagenet: DIR/val holds the 1000 WordNet-id folders; "
+                        "cifar10/100: torchvision's python archives in DIR; folder: an ImageFolder in DIR/val, "
+                        "DIR/test or DIR")
+    g.add_argument("--eval-data-dir", default=None, metavar="DIR",
+                   help="where --eval-dataset lives (all but synthetic)")
+    g.add_argument("--eval-retrieval", default=None, metavar="PAIRS.csv",
+                   help="also image<->text recall@1/5/10 on a CSV with one row per caption (image paths relative to "
+                        "it, columns as --csv-img-key/--csv-caption-key), e.g. the Flickr30k or COCO test split")
+    g.add_argument("--eval-every", type=int, default=0, help="steps between evaluations (0: only at the end)")
+    g.add_argument("--eval-samples", type=int, default=None,
+                   help="evaluate on this many images, evenly spaced through the set (default: all), to evaluate "
+                        "often on a large set")
     return parser
 
 
@@ -328,7 +354,7 @@ def check_common_args(args, parser):
     """Refuse impossible values before any work, naming the flag."""
     for flag, low in (("batch_size", 1), ("steps", 1), ("log_every", 1), ("save_every", 0), ("eval_every", 0),
                       ("warmup", 0), ("workers", 0), ("eval_samples", 1), ("max_bad_steps", 1),
-                      ("train_num_samples", 1)):
+                      ("train_num_samples", 1), ("keep_every", 0)):
         if getattr(args, flag) is not None and getattr(args, flag) < low:
             parser.error(f"--{flag.replace('_', '-')} must be at least {low}, got {getattr(args, flag)}")
     for flag in ("lr", "epochs", "peak_tflops"):
@@ -343,6 +369,24 @@ def check_common_args(args, parser):
     if args.resume not in (None, "auto") and not os.path.isfile(args.resume):
         parser.error(f"--resume {args.resume}: no such checkpoint file "
                      f"(use --resume auto to continue OUT_DIR/ckpt.pt if it exists)")
+    if args.eval_dataset is None:  # zero-shot on drawn shapes says nothing about a model trained on other data
+        args.eval_dataset = "synthetic" if args.data == "synthetic" else "none"
+    needs_dir = args.eval_dataset not in ("synthetic", "none")
+    if needs_dir and not (args.eval_data_dir and os.path.isdir(args.eval_data_dir)):
+        parser.error(f"--eval-dataset {args.eval_dataset} needs --eval-data-dir, an existing folder "
+                     f"(got {args.eval_data_dir!r})")
+    if args.eval_data_dir and not needs_dir:
+        parser.error(f"--eval-data-dir is read with --eval-dataset imagenet, cifar10, cifar100 or folder, "
+                     f"not {args.eval_dataset}")
+    if args.eval_retrieval and not os.path.isfile(args.eval_retrieval):
+        parser.error(f"--eval-retrieval {args.eval_retrieval}: no such file")
+    if args.eval_every and args.eval_dataset == "none" and not args.eval_retrieval:
+        parser.error("--eval-every: nothing to evaluate; give --eval-dataset and/or --eval-retrieval")
+    if args.tensorboard == "":
+        args.tensorboard = os.path.join(args.out_dir, "tensorboard")
+    for flag in ("tensorboard", "wandb"):
+        if getattr(args, flag) is not None and importlib.util.find_spec(flag) is None:
+            parser.error(f"--{flag} needs the {flag} package: pip install {flag}")
     return args
 
 
@@ -555,6 +599,7 @@ def main(args):
     finally:
         for s, h in previous.items():
             signal.signal(s, h)
+        close_curves()
         if dist.is_initialized():
             dist.destroy_process_group()
 
@@ -611,30 +656,114 @@ def all_gather_object(obj):
     return out
 
 
+CURVES = []  # (write(numbers, step), close()) of rank 0's TensorBoard / W&B writers while a run is open
+
+
+def open_curves(args, resumed):
+    """Rank 0: writers for --tensorboard and --wandb, imported only when asked. They get the numbers of every
+    log record; log.jsonl stays the run's record. A resumed run continues its W&B run (id in OUT_DIR/wandb_id)."""
+    if args.tensorboard:
+        from torch.utils.tensorboard import SummaryWriter
+
+        writer = SummaryWriter(args.tensorboard)
+
+        def to_tensorboard(numbers, step):
+            for tag, value in numbers.items():
+                writer.add_scalar(tag, value, step)
+            writer.flush()
+        CURVES.append((to_tensorboard, writer.close))
+    if args.wandb:
+        import wandb
+
+        id_file = os.path.join(args.out_dir, "wandb_id")
+        if not (resumed and os.path.exists(id_file)):
+            with open(id_file, "w") as f:
+                f.write(os.urandom(6).hex())
+        with open(id_file) as f:
+            run = wandb.init(project=args.wandb, id=f.read(), resume="allow", dir=args.out_dir, config=vars(args),
+                             name=os.path.basename(os.path.abspath(args.out_dir)))
+        CURVES.append((lambda numbers, step: run.log(numbers, step=step), run.finish))
+
+
+def close_curves():
+    while CURVES:
+        CURVES.pop()[1]()
+
+
 def log(record, args):
-    """Rank 0: print one line and append the record to OUT_DIR/log.jsonl."""
+    """Rank 0: print one line, append the record to OUT_DIR/log.jsonl and pass its numbers to the curve writers
+    (tags train/KEY, and eval/KEY for evaluation results). Keys ending in _s are durations in seconds."""
     if get_rank() != 0:
         return
-    print(" | ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items()), flush=True)
+
+    def field(k, v):
+        if k.endswith("_s") and isinstance(v, (int, float)):
+            return f"{k} {v:.1f}" if v < 60 else f"{k} {int(v) // 3600}:{int(v) // 60 % 60:02d}:{int(v) % 60:02d}"
+        return f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
+    print(" | ".join(field(k, v) for k, v in record.items()), flush=True)
     with open(os.path.join(args.out_dir, "log.jsonl"), "a") as f:
         f.write(json.dumps(record) + "\n")
+    numbers = {f"{'eval' if k.startswith(('zeroshot_', 'retrieval_', 'eval_')) else 'train'}/{k}": v
+               for k, v in record.items() if k != "step" and isinstance(v, (int, float))}
+    for write, _ in CURVES:
+        write(numbers, record["step"])
 
 
-def evaluate(raw_model, args, device, autocast):
-    """Zero-shot top-1 of every head of the model on the held-out set, sharded over ranks."""
-    if args.eval_dataset == "none":
+def open_eval_sets(args):
+    """The sets of --eval-dataset and --eval-retrieval, opened before training so that bad input stops the run at
+    once. -> (classification (images, class names, templates) or None, retrieval (images, captions) or None)"""
+    size, context_length = PRESETS[args.model]["image_size"], PRESETS[args.model]["context_length"]
+    classification = retrieval = None
+    if args.eval_dataset != "none":
+        images, _, classnames, templates = eval_zeroshot.classification_sets(
+            args.eval_dataset, args.eval_data_dir, size, args.seed, flag="--eval-dataset")
+        classification = eval_zeroshot.subset(images, args.eval_samples), classnames, templates
+    if args.eval_retrieval:
+        retrieval = eval_zeroshot.retrieval_set(args.eval_retrieval, size, context_length, args.csv_img_key,
+                                                args.csv_caption_key, args.csv_separator, flag="--eval-retrieval")
+    return classification, retrieval
+
+
+def eval_plan(eval_sets, args):
+    """The run's start line about evaluation: what and when, or that there is none."""
+    (classification, retrieval), what = eval_sets, []
+    if classification:
+        what.append(f"zero-shot on {args.eval_dataset} ({len(classification[0])} images, "
+                    f"{len(classification[1])} classes)")
+    if retrieval:
+        what.append(f"retrieval on {args.eval_retrieval} ({len(retrieval[0])} images, {len(retrieval[1])} captions)")
+    if not what:
+        return ("evaluation: none; this run reports no zero-shot accuracy (--eval-dataset imagenet --eval-data-dir "
+                "DIR, or cifar10, cifar100, folder, synthetic; --eval-retrieval PAIRS.csv)")
+    when = f"every {args.eval_every} steps and at the end" if args.eval_every else "at the end"
+    return f"evaluation: {' and '.join(what)}, {when}"
+
+
+def evaluate(raw_model, eval_sets, args, device, autocast, workers=0):
+    """Zero-shot top-1/top-5 on --eval-dataset and recall@k on --eval-retrieval, with eval_zeroshot's functions.
+    Every rank runs it on the raw model and encodes its share; the features are gathered in dataset order, so the
+    numbers are those of one process. -> {} or a record whose keys name the set: zeroshot_imagenet_top1,
+    zeroshot_imagenet_top1_mlp (another head), retrieval_i2t_r1, ..., eval_head (the head of the keys without a
+    head's name), eval_s (seconds)."""
+    classification, retrieval = eval_sets
+    if classification is None and retrieval is None:
         return {}
-    raw_model.eval()
-    dataset, classnames, templates = eval_zeroshot.synthetic_eval_set(PRESETS[args.model]["image_size"], args.seed)
-    dataset = torch.utils.data.Subset(dataset, range(min(args.eval_samples, len(dataset))))
-    results = eval_zeroshot.zeroshot_classify(
-        raw_model.zeroshot_heads(), dataset, classnames, templates, PRESETS[args.model]["context_length"], device,
-        autocast=autocast, rank=get_rank(), world_size=get_world_size())
-    raw_model.train()
+    t, heads = time.time(), raw_model.zeroshot_heads()
+    main_head = next(iter(heads))
+    common = dict(device=device, workers=workers, autocast=autocast, rank=get_rank(), world_size=get_world_size())
     record = {}
-    for i, (head, metrics) in enumerate(results.items()):
-        record["zeroshot_top1" if i == 0 else f"zeroshot_top1_{head}"] = metrics["top1"]
-    record["zeroshot_head"] = next(iter(results))
+    raw_model.eval()
+    if classification:
+        results = eval_zeroshot.zeroshot_classify(heads, *classification, PRESETS[args.model]["context_length"],
+                                                  **common)
+        name = f"zeroshot_{args.eval_dataset}"
+        record[f"{name}_top1"], record[f"{name}_top5"] = results[main_head]["top1"], results[main_head]["top5"]
+        record.update({f"{name}_top1_{head}": m["top1"] for head, m in results.items() if head != main_head})
+    if retrieval:
+        results = eval_zeroshot.retrieve(heads, *retrieval, **common)
+        record.update({f"retrieval_{k}": v for k, v in results[main_head].items()})
+    raw_model.train()
+    record["eval_head"], record["eval_s"] = main_head, time.time() - t
     return record
 
 
@@ -690,7 +819,7 @@ def train_step(model, raw_model, optimizer, scaler, images, tokens, args, autoca
 
 def train(args, device, rank, world_size, stop):
     """Build, resume, loop (log, checkpoint, evaluate, stop on a signal), final evaluation -> its record."""
-    cuda = device.type == "cuda"
+    t_start, cuda = time.time(), device.type == "cuda"
     precision, autocast = mixed_precision(args, device)
     workers = args.workers
     if workers is None:  # the CPUs of this node shared by its ranks, one left for the rank itself, at most 8
@@ -699,6 +828,7 @@ def train(args, device, rank, world_size, stop):
     ckpt_path = resolve_resume(args)
     if rank == 0:
         os.makedirs(args.out_dir, exist_ok=True)
+    eval_sets = open_eval_sets(args)
 
     # Model, optimizer. The same seed on every rank gives the same initial weights.
     torch.manual_seed(args.seed)
@@ -706,9 +836,10 @@ def train(args, device, rank, world_size, stop):
     torch.manual_seed(args.seed + rank)  # dropout and other model randomness differ per rank
 
     # Resume: weights, optimizer, loss scale, step, random state and data position.
-    start_step, data_state = 0, None
+    start_step, data_state, elapsed_before = 0, None, 0.0
     if ckpt_path:
         ckpt = load_checkpoint(ckpt_path, args)
+        elapsed_before = ckpt.get("elapsed_s", 0.0)  # the training time of the run's earlier attempts
         raw_model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         scaler.load_state_dict(ckpt["scaler"])
@@ -745,8 +876,15 @@ def train(args, device, rank, world_size, stop):
                     "parameters": sum(p.numel() for p in raw_model.parameters())}
         with open(os.path.join(args.out_dir, "run.json"), "w") as f:
             json.dump(run_info, f, indent=1)
-    print0(f"{METHOD}: {args.model} on {args.data}, {world_size} x {args.batch_size} per step, {total_steps} steps, "
-           f"{precision} on {device.type}, {workers} loader workers per rank")
+        open_curves(args, resumed=ckpt_path is not None)
+    batch = world_size * args.batch_size
+    print0(f"{METHOD}: {args.model} on {args.data}: {total_steps} steps = {total_steps / loader.steps_per_epoch:.4g} "
+           f"epochs of {loader.steps_per_epoch * batch} samples ({total_steps * batch} samples in all), global batch "
+           f"{batch} = {world_size} x {args.batch_size}; {precision} on {device.type}, {workers} loader workers "
+           f"per rank")
+    print0(eval_plan(eval_sets, args))
+    if args.keep_every:
+        print0(f"keeping {args.out_dir}/ckpt_STEP.pt every {args.keep_every} steps besides the rolling ckpt.pt")
 
     def lr_at(step):  # linear warm-up, then cosine decay to 0
         if step < args.warmup:
@@ -755,6 +893,7 @@ def train(args, device, rank, world_size, stop):
 
     def checkpoint_state(step):
         return {"method": METHOD, "args": vars(args), "step": step, "model": raw_model.state_dict(),
+                "elapsed_s": elapsed_before + time.time() - t_start,
                 "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
                 "rng": all_gather_object(rng_state(device)), "data": all_gather_object(loader.state_dict())}
 
@@ -763,12 +902,13 @@ def train(args, device, rank, world_size, stop):
     batches = iter(loader)
     sums, n_sum, bad_in_a_row = {}, 0, torch.zeros((), device=device)
     bad_total, data_time, t_log, flops = torch.zeros((), device=device), 0.0, time.time(), 0
+    eval_time = 0.0  # seconds of the last evaluation, for the time left
     for step in range(start_step, total_steps):
         t_data = time.time()
         images, tokens = next(batches)
         images, tokens = images.to(device, non_blocking=True), tokens.to(device, non_blocking=True)
         data_time += time.time() - t_data
-        flops += raw_model.flops_per_sample(text_length=tokens.shape[-1]) * len(tokens)  # captions as cut by the loader
+        flops += raw_model.flops_per_sample(text_length=tokens.shape[-1]) * len(tokens)  # at the captions' cut length
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step)
 
@@ -797,8 +937,16 @@ def train(args, device, rank, world_size, stop):
             record["mfu"] = flops / elapsed / (peak_tflops * 1e12) if peak_tflops else None
             record["peak_mem_gb"] = peak_memory(device) / 2**30
             record["skipped_samples"], record["nonfinite_steps"] = int(totals[-1]), int(totals[-2])
+            # Where the run is: time left = steps left at this interval's rate (evaluations excluded) + the
+            # evaluations left (every --eval-every steps and one at the end) at the last one's duration.
+            evals_left = 1 + (max(0, (total_steps - 1) // args.eval_every - done // args.eval_every)
+                              if args.eval_every else 0)
+            record["epoch"] = done / loader.steps_per_epoch
+            record["elapsed_s"] = elapsed_before + time.time() - t_start
+            record["time_left_s"] = (total_steps - done) * elapsed / n_sum + evals_left * eval_time
             log(record, args)
-            sums, n_sum, bad_total, data_time, t_log, flops = {}, 0, torch.zeros((), device=device), 0.0, time.time(), 0
+            sums, n_sum, bad_total, data_time, flops = {}, 0, torch.zeros((), device=device), 0.0, 0
+            t_log = time.time()
             if int(bad_in_a_row) >= args.max_bad_steps:
                 state = checkpoint_state(done)
                 if rank == 0:
@@ -809,20 +957,26 @@ def train(args, device, rank, world_size, stop):
         stopping = torch.tensor(int("signal" in stop))
         if world_size > 1:
             dist.all_reduce(stopping, op=dist.ReduceOp.MAX, group=control)
-        if (args.save_every and done % args.save_every == 0) or done == total_steps or stopping:
+        keep = args.keep_every and done % args.keep_every == 0  # a snapshot kept besides the rolling ckpt.pt
+        if (args.save_every and done % args.save_every == 0) or done == total_steps or stopping or keep:
             state = checkpoint_state(done)
             if rank == 0:
                 save_checkpoint(os.path.join(args.out_dir, "ckpt.pt"), state)
+                if keep:
+                    save_checkpoint(os.path.join(args.out_dir, f"ckpt_{done}.pt"), state)
         if stopping and done < total_steps:
             log({"step": done, "stopped_by": stop.get("signal", "another rank's signal")}, args)
             print0(f"stopped by a signal at step {done} of {total_steps}; {args.out_dir}/ckpt.pt holds it: "
                    f"run the same command with --resume auto to continue")
             return {"step": done, "stopped": True}
         if args.eval_every and done % args.eval_every == 0 and done != total_steps:
-            log({"step": done, **evaluate(raw_model, args, device, autocast)}, args)
+            record = {"step": done, **evaluate(raw_model, eval_sets, args, device, autocast, workers)}
+            eval_time = record["eval_s"]
+            t_log += eval_time  # the throughput of the log interval leaves the evaluation out
+            log(record, args)
 
-    result = {"step": total_steps, **evaluate(raw_model, args, device, autocast)}
-    if len(result) > 1:  # the run's last log line is its final evaluation (unless --eval-dataset none)
+    result = {"step": total_steps, **evaluate(raw_model, eval_sets, args, device, autocast, workers)}
+    if len(result) > 1:  # the run's last log line is its final evaluation (unless there is nothing to evaluate)
         log(result, args)
     return result
 # --- end shared: plumbing ---

@@ -150,7 +150,7 @@ def test_torchrun_two_processes_equal_one_process_with_the_global_batch(tmp_path
     assert losses[0] == pytest.approx(losses[1], rel=1e-5)
     log = read_log(two)
     assert [r["step"] for r in log if "loss" in r] == [1, 2, 3]
-    assert "zeroshot_top1" in log[-1]
+    assert "zeroshot_synthetic_top1" in log[-1]
     assert all(k in log[0] for k in ("loss", "lr", "logit_scale", "samples_per_s_per_gpu", "data_time", "peak_mem_gb"))
 
 
@@ -188,5 +188,5 @@ def test_a_short_default_run_learns(tmp_path):
     run(["--steps", "150", "--batch-size", "128", "--warmup", "30", "--out-dir", out_dir, "--eval-samples", "512",
          "--log-every", "50", "--workers", "0"])
     log = read_log(out_dir)
-    assert log[-1]["zeroshot_top1"] > 5 / 64, log[-1]
+    assert log[-1]["zeroshot_synthetic_top1"] > 5 / 64, log[-1]
     assert log[-2]["loss"] < log[0]["loss"]

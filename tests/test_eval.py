@@ -308,7 +308,7 @@ def test_bad_flags_and_inputs_give_one_line_errors(tmp_path):
 
 
 def test_the_cli_reproduces_the_training_runs_own_zero_shot_top1(tmp_path):
-    """Done when: the CLI on a checkpoint, with its defaults, reports the training log's final zeroshot_top1."""
+    """Done when: the CLI on a checkpoint, with its defaults, reports the final zeroshot_synthetic_top1 of its log."""
     import clip
     run = str(tmp_path / "run")
     # 200 images (not a multiple of the 64 classes) and seed 3: another set of images gives another top-1 here
@@ -322,5 +322,5 @@ def test_the_cli_reproduces_the_training_runs_own_zero_shot_top1(tmp_path):
     with open(tmp_path / "r.json") as f:
         record = json.load(f)
     assert record["images"] == 200 and record["step"] == 2
-    assert record["top1"] == result["zeroshot_top1"]
+    assert record["top1"] == result["zeroshot_synthetic_top1"]
     assert "top1" in out.stdout and Image.open(tmp_path / "g.png").size[0] > 500

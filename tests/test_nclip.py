@@ -163,7 +163,7 @@ def test_torchrun_smoke_and_resume(tmp_path, script):
     b = torch.load(tmp_path / "resumed" / "ckpt.pt", weights_only=True)["model"]
     assert all(torch.equal(a[k], b[k]) for k in a)
     log = (tmp_path / "straight" / "log.jsonl").read_text().splitlines()
-    assert '"prototypes_used"' in log[0] and '"zeroshot_top1"' in log[-1]
+    assert '"prototypes_used"' in log[0] and '"zeroshot_synthetic_top1"' in log[-1]
 
 
 def test_xclip_with_zero_nclip_weight_trains_like_clip(tmp_path):
