@@ -67,12 +67,14 @@ def tokenize(texts, context_length=77):
     return torch.tensor(rows, dtype=torch.long).view(len(rows), context_length)  # [N, L]
 
 
-def trim_tokens(tokens):
-    """A token batch [..., L] -> [..., n], cut after the batch's last end-of-text token (n = its position + 1).
+def trim_tokens(tokens, multiple=8):
+    """A token batch [..., L] -> [..., n]: cut after the batch's last end-of-text token, n rounded up to a
+    multiple of 8 (at most L), so that batches come in few shapes and GPU matmuls stay aligned.
     The text tower's features are unchanged: under its causal mask, positions after a caption's EOT never
     reach that EOT. Done on the CPU before the batch goes to the device (loader collate, evaluation): no sync."""
     pooled = (tokens == EOT_TOKEN).int().argmax(-1)  # [...] the position the text tower pools, found as it finds it
-    return tokens[..., : int(pooled.max()) + 1].contiguous()  # [..., n]
+    n = min(tokens.shape[-1], -(-(int(pooled.max()) + 1) // multiple) * multiple)
+    return tokens[..., :n].contiguous()  # [..., n]
 
 
 def collate(samples, tokens_at=1):

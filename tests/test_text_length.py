@@ -55,7 +55,8 @@ def test_cut_batches_give_the_features_and_gradients_of_the_full_context():
 
     full = captions(lengths)
     cut = data.trim_tokens(full)
-    assert cut.shape == (4, 3, 14) and torch.equal(cut, full[..., :14])
+    assert cut.shape == (4, 3, 16) and torch.equal(cut, full[..., :16])  # 14 positions, rounded up to 8 x 2
+    assert_same(run(full[..., :14]), run(full))  # the exact cut too
     assert_same(run(cut), run(full))
 
     # A caption that fills the whole context: a batch holding it is not cut; any other caption, encoded in a
@@ -66,8 +67,9 @@ def test_cut_batches_give_the_features_and_gradients_of_the_full_context():
         want = model.text(full)  # [12, C]
         assert data.trim_tokens(full).shape == (12, L)
         for i in range(len(full)):
-            cut = data.trim_tokens(full[i : i + 1])  # [1, length + 1]
+            cut = data.trim_tokens(full[i : i + 1], multiple=1)  # [1, length + 1]
             assert cut.shape[-1] == lengths.flatten()[i] + 1
+            assert data.trim_tokens(full[i : i + 1]).shape[-1] == min(L, -(-cut.shape[-1] // 8) * 8)
             assert_same({"features": model.text(cut)}, {"features": want[i : i + 1]})
 
 
