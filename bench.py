@@ -42,7 +42,8 @@ import data
 # mean 13 and standard deviation 6 (median 12, 99th percentile 33, 99.9th 46), cut to the context. Web
 # captions are short: CC3M's average 10.3 words (Sharma et al. 2018, "Conceptual Captions", ACL), about 13
 # cl100k tokens; the lognormal is our model of the spread and the tail. The text tower runs up to a batch's
-# longest caption + EOT: at batch 16 that is 27 positions on average (of 77), at batch 256 43, at 1024 51.
+# longest caption + EOT, rounded up to a multiple of 8: at batch 16 that is 29 positions on average (of 77), at
+# batch 256 44, at 1024 54 (26, 41 and 51 before rounding).
 CAPTION_MEAN, CAPTION_SD = 13.0, 6.0
 TOKEN_BATCHES = 8  # the steps cycle through this many token batches, so that the batch's longest caption varies
 
