@@ -8,10 +8,15 @@ data loading is counted, and prints samples/s per process, MFU and peak memory f
   python bench.py --method xclip --model tiny --batch-size 64 128 256
   python bench.py --loader                                   # + the real loader; decode+augment images/s
 
+The steps go through TOKEN_BATCHES token batches in turn, whose captions have realistic lengths by default
+(--captions cc3m, see CAPTION_MEAN below): our text tower runs up to each batch's last end-of-text token, as
+in training (the `tokens` column gives the mean length run); --captions full fills every caption to the
+context length.
 --compare-openclip builds OpenCLIP's CLIP with the same tower sizes, vocabulary and context length, and
 times its training step as its training script runs it (ClipLoss, AdamW without weight decay on gains and
-biases, the same precision), alternating with ours so that machine drift hits both; the last line is the
-median ratio of samples/s. OpenCLIP is needed only for this flag: `pip install open_clip_torch`.
+biases, the same precision, all context_length positions of the same captions), alternating with ours so
+that machine drift hits both; the last line is the median ratio of samples/s. OpenCLIP is needed only for
+this flag: `pip install open_clip_torch`.
 --loader also times the step with the real synthetic-data loader (data time per step), and decodes and
 augments 224 px JPEGs from a tar shard written to a temporary folder: images/s in one loader process; and
 the loader alone (synthetic 32 px, 224 px JPEG tar shards) with 1 and 2 workers.
@@ -20,6 +25,8 @@ the loader alone (synthetic 32 px, 224 px JPEG tar shards) with 1 and 2 workers.
 import argparse
 import importlib
 import io
+import itertools
+import math
 import os
 import statistics
 import tarfile
@@ -30,6 +37,15 @@ import torch
 
 import augment
 import data
+
+# Caption lengths of the default token batches, in cl100k tokens before the end-of-text token: lognormal with
+# mean 13 and standard deviation 6 (median 12, 99th percentile 33, 99.9th 46), cut to the context. Web
+# captions are short: CC3M's average 10.3 words (Sharma et al. 2018, "Conceptual Captions", ACL), about 13
+# cl100k tokens; the lognormal is our model of the spread and the tail. The text tower runs up to a batch's
+# longest caption + EOT, rounded up to a multiple of 8: at batch 16 that is 29 positions on average (of 77), at
+# batch 256 44, at 1024 54 (26, 41 and 51 before rounding).
+CAPTION_MEAN, CAPTION_SD = 13.0, 6.0
+TOKEN_BATCHES = 8  # the steps cycle through this many token batches, so that the batch's longest caption varies
 
 
 def parse_args(argv=None):
@@ -47,6 +63,9 @@ def parse_args(argv=None):
     p.add_argument("--steps", type=int, default=10, help="timed steps per measurement")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps before each measurement")
     p.add_argument("--repeats", type=int, default=3, help="measurements per configuration (alternating with OpenCLIP)")
+    p.add_argument("--captions", default="cc3m", choices=["cc3m", "full"],
+                   help="caption lengths of the token batches: cc3m (CAPTION_MEAN) or full (every caption fills "
+                        "the context, the text tower's worst case)")
     p.add_argument("--compare-openclip", action="store_true")
     p.add_argument("--loader", action="store_true", help="also time with the real loader, and JPEG decode+augment")
     p.add_argument("--extra", default="", help="more flags for the method file, e.g. '--recipe improved'")
@@ -74,36 +93,61 @@ def measure(step, batch, steps, warmup, device):
     return steps * len(batch[0]) / elapsed, peak
 
 
-def random_batch(preset, batch_size, device, image_views=1, text_views=1):
-    """uint8 images [B, V, 3, H, W] and tokens [B, T, L] with an end-of-text token half way."""
+def random_tokens(batch_size, text_views, context_length, captions="cc3m", seed=0):
+    """int64 [B, T, L] laid out as data.tokenize lays them out: random ids below 50000, EOT (the largest id, where
+    OpenCLIP pools) after each caption, then padding. Caption lengths: `cc3m` draws them (CAPTION_MEAN), `full`
+    gives every caption context_length - 1 tokens."""
+    g = torch.Generator().manual_seed(seed)
+    tokens = torch.randint(0, 50000, (batch_size, text_views, context_length), generator=g)  # [B, T, L]
+    if captions == "full":
+        lengths = torch.full((batch_size, text_views), context_length - 1)  # [B, T]
+    else:
+        sigma2 = math.log(1 + (CAPTION_SD / CAPTION_MEAN) ** 2)  # lognormal with this mean and sd
+        normal = torch.randn(batch_size, text_views, generator=g)  # [B, T]
+        lengths = (math.log(CAPTION_MEAN) - sigma2 / 2 + sigma2**0.5 * normal).exp().round().long()  # [B, T]
+        lengths = lengths.clamp(1, context_length - 1)
+    position = torch.arange(context_length)  # [L]
+    tokens[position == lengths[..., None]] = data.EOT_TOKEN
+    tokens[position > lengths[..., None]] = data.PAD_TOKEN
+    return tokens
+
+
+def random_batch(preset, batch_size, image_views=1, text_views=1, captions="cc3m"):
+    """uint8 images [B, V, 3, H, W] and TOKEN_BATCHES full-context token batches [B, T, L], on the CPU."""
     g = torch.Generator().manual_seed(0)
-    size, length = preset["image_size"], preset["context_length"]
+    size = preset["image_size"]
     images = torch.randint(0, 256, (batch_size, image_views, 3, size, size), dtype=torch.uint8, generator=g)
-    tokens = torch.randint(0, 50000, (batch_size, text_views, length), generator=g)
-    tokens[:, :, length // 2] = data.EOT_TOKEN
-    return images.to(device), tokens.to(device)
+    return images, [random_tokens(batch_size, text_views, preset["context_length"], captions, seed)
+                    for seed in range(TOKEN_BATCHES)]
 
 
 def ours(method, preset, batch_size, device, args):
-    """Our train_step with the method file's own model, optimizer and scaler."""
+    """Our train_step with the method file's own model, optimizer and scaler, on token batches cut after
+    their last end-of-text token as the training loader cuts them. -> (..., the full-context token batches)"""
     module = importlib.import_module(method)
     flags = ["--model", preset, "--device", device.type] + (["--precision", args.precision] if args.precision else [])
-    flags += (["--grad-checkpointing"] if args.grad_checkpointing else []) + args.extra.split()
+    flags += (["--grad-checkpointing"] if args.grad_checkpointing else []) + (["--compile"] if args.compile else [])
+    flags += args.extra.split()
     train_args = module.parse_args(flags)
     precision, autocast = module.mixed_precision(train_args, device)
     raw_model, optimizer, scaler = module.build_training(train_args, device, precision)
     model = torch.compile(raw_model) if args.compile else raw_model
     image_views, text_views = module.train_views(train_args)
-    batch = random_batch(module.PRESETS[preset], batch_size, device, len(image_views), len(text_views))
+    images, tokens = random_batch(module.PRESETS[preset], batch_size, len(image_views), len(text_views), args.captions)
+    batch = (images.to(device), [data.trim_tokens(t).to(device) for t in tokens])
+    steps = itertools.count()
 
-    def step(b):
-        module.train_step(model, raw_model, optimizer, scaler, b[0], b[1], train_args, autocast, precision)
-    return step, batch, raw_model.flops_per_sample(), precision, module, train_args
+    def step(b):  # b: (images, token batches), one token batch after the other
+        text = b[1][next(steps) % len(b[1])]
+        module.train_step(model, raw_model, optimizer, scaler, b[0], text, train_args, autocast, precision)
+    flops = statistics.mean(raw_model.flops_per_sample(text_length=t.shape[-1]) for t in batch[1])
+    return step, batch, flops, precision, module, train_args, tokens
 
 
-def openclip(method_module, preset, batch_size, device, precision, args):
+def openclip(method_module, preset, batch_size, device, precision, args, tokens):
     """OpenCLIP's CLIP with the same sizes, trained as open_clip_train does: ClipLoss, AdamW (foreach),
-    autocast, logit scale clamped after the step."""
+    autocast, logit scale clamped after the step; on token batches [B, L] in turn, all L positions, as
+    OpenCLIP's loader pads every caption to the context length."""
     import open_clip
     from open_clip.loss import ClipLoss
     from open_clip.model import CLIP, CLIPTextCfg, CLIPVisionCfg
@@ -127,13 +171,12 @@ def openclip(method_module, preset, batch_size, device, precision, args):
     loss_fn, compiled = ClipLoss(), torch.compile(model) if args.compile else model
     g = torch.Generator().manual_seed(0)
     images = torch.randn(batch_size, 3, cfg["image_size"], cfg["image_size"], generator=g).to(device)
-    tokens = torch.randint(0, 50000, (batch_size, cfg["context_length"]), generator=g)
-    tokens[:, cfg["context_length"] // 2] = data.EOT_TOKEN  # the largest id: OpenCLIP pools at argmax
-    batch = (images, tokens.to(device))
+    batch = (images, [t.to(device) for t in tokens])
+    steps = itertools.count()
 
     def step(b):
         with autocast:
-            out = compiled(b[0], b[1])
+            out = compiled(b[0], b[1][next(steps) % len(b[1])])
             loss = loss_fn(out["image_features"], out["text_features"], out["logit_scale"])
         (scaler.scale(loss) if scaler else loss).backward()
         if scaler:
@@ -209,14 +252,16 @@ def main(args):
     presets = args.model or ["tiny", "ViT-B/32"]
     print(f"bench: {args.method}.py on {torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'} "
           f"({os.cpu_count()} CPUs, {torch.get_num_threads()} threads), torch {torch.__version__}, "
-          f"{args.steps} steps x {args.repeats}")
-    print(f"{'model':<10}{'batch':>6}{'precision':>10}{'ours/s':>10}{'MFU':>7}{'mem GiB':>9}"
+          f"{args.steps} steps x {args.repeats}, {args.captions} caption lengths")
+    print(f"{'model':<10}{'batch':>6}{'precision':>10}{'tokens':>7}{'ours/s':>10}{'MFU':>7}{'mem GiB':>9}"
           f"{'openclip/s':>12}{'mem GiB':>9}{'ratio':>7}")
     ratios = []
     for preset in presets:
         for batch_size in args.batch_size or [256 if preset == "tiny" else 16]:
-            step, batch, flops, precision, module, train_args = ours(args.method, preset, batch_size, device, args)
-            other = openclip(module, preset, batch_size, device, precision, args) if args.compare_openclip else None
+            step, batch, flops, precision, module, train_args, tokens = ours(args.method, preset, batch_size, device,
+                                                                             args)
+            other = (openclip(module, preset, batch_size, device, precision, args, [t[:, 0] for t in tokens])
+                     if args.compare_openclip else None)
             mine, theirs, mem, their_mem = [], [], None, None
             for _ in range(args.repeats):  # alternate, so that drift of the machine hits both alike
                 rate, mem = measure(step, batch, args.steps, args.warmup, device)
@@ -226,15 +271,16 @@ def main(args):
                     theirs.append(rate)
             peak = module.gpu_peak_tflops(device, precision)
             mfu = f"{flops * statistics.median(mine) / (peak * 1e12):.1%}" if peak else "-"
-            row = (f"{preset:<10}{batch_size:>6}{precision:>10}{statistics.median(mine):>10.1f}{mfu:>7}"
-                   f"{mem if mem is not None else '-':>9}")
+            length = statistics.mean(t.shape[-1] for t in batch[1])  # text positions run, mean over the batches
+            row = (f"{preset:<10}{batch_size:>6}{precision:>10}{length:>7.1f}"
+                   f"{statistics.median(mine):>10.1f}{mfu:>7}{mem if mem is not None else '-':>9}")
             if other:
                 ratio = statistics.median(a / b for a, b in zip(mine, theirs))
                 ratios.append(ratio)
                 row += (f"{statistics.median(theirs):>12.1f}{their_mem if their_mem is not None else '-':>9}"
                         f"{ratio:>7.2f}")
             print(row, flush=True)
-            del step, batch, other
+            del step, batch, other, tokens
             if device.type == "cuda":
                 torch.cuda.empty_cache()
     if args.loader:

@@ -7,7 +7,8 @@ Sources (`--data` in the method files):
   /data/{00000..00331}.tar  img2dataset / webdataset shards: KEY.jpg|png|webp + KEY.txt (+ KEY.json)
 
 Every training batch is (images uint8 [B, V, 3, H, W], tokens int64 [B, T, L]): V image views and T text
-views per sample, as many as the method asks for. Randomness comes from (seed, epoch, sample), never from
+views per sample, as many as the method asks for; L is the length of the batch's longest caption + 1 (EOT),
+at most the context length (trim_tokens). Randomness comes from (seed, epoch, sample), never from
 a worker's global state, so the batches of a step are the same whatever the number of workers, and a
 resumed run sees exactly the batches it would have seen.
 
@@ -64,6 +65,24 @@ def tokenize(texts, context_length=77):
     rows = [seq[: context_length - 1] + [EOT_TOKEN] + [PAD_TOKEN] * max(0, context_length - 1 - len(seq))
             for seq in ids]
     return torch.tensor(rows, dtype=torch.long).view(len(rows), context_length)  # [N, L]
+
+
+def trim_tokens(tokens, multiple=8):
+    """A token batch [..., L] -> [..., n]: cut after the batch's last end-of-text token, n rounded up to a
+    multiple of 8 (at most L), so that batches come in few shapes and GPU matmuls stay aligned.
+    The text tower's features are unchanged: under its causal mask, positions after a caption's EOT never
+    reach that EOT. Done on the CPU before the batch goes to the device (loader collate, evaluation): no sync."""
+    pooled = (tokens == EOT_TOKEN).int().argmax(-1)  # [...] the position the text tower pools, found as it finds it
+    n = min(tokens.shape[-1], -(-(int(pooled.max()) + 1) // multiple) * multiple)
+    return tokens[..., :n].contiguous()  # [..., n]
+
+
+def collate(samples, tokens_at=1):
+    """default_collate, then the token batch (item `tokens_at` of each sample) cut by trim_tokens: in the
+    loader's workers and before pinning, so the cut batch is the one pinned for the non-blocking copy."""
+    batch = list(torch.utils.data.default_collate(samples))
+    batch[tokens_at] = trim_tokens(batch[tokens_at])
+    return batch
 
 
 def decode(tokens):
@@ -536,7 +555,7 @@ def build_loader(spec, batch_size, image_views, text_views, *, rank=0, world_siz
     (default: counted from the tar headers). Returns a Loader with `.steps_per_epoch`."""
     kind = source_kind(spec)
     common = dict(batch_size=batch_size, num_workers=workers, pin_memory=pin_memory,
-                  prefetch_factor=4 if workers else None)
+                  prefetch_factor=4 if workers else None, collate_fn=collate)
     if kind == "tar":
         urls = expand_braces(spec)
         present = [u for u in urls if os.path.exists(u)]

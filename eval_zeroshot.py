@@ -48,6 +48,7 @@ images and their scores.
 """
 
 import argparse
+import functools
 import importlib
 import json
 import os
@@ -80,7 +81,7 @@ def build_classifier(encode_text, classnames, templates, context_length, device,
     prompts = [template.format(name) for name in classnames for template in templates]  # C * M strings
     tokens = data.tokenize(prompts, context_length)  # [C * M, L]
     features = torch.cat([
-        F.normalize(encode_text(tokens[i : i + batch_size].to(device)).float(), dim=-1)
+        F.normalize(encode_text(data.trim_tokens(tokens[i : i + batch_size]).to(device)).float(), dim=-1)
         for i in range(0, len(prompts), batch_size)
     ])  # [C * M, D]
     features = features.view(len(classnames), len(templates), -1).mean(1)  # [C, D]
@@ -131,13 +132,15 @@ def gather_in_order(x, n, world_size):
 
 
 @torch.no_grad()
-def encode_dataset(encoders, dataset, device, batch_size=256, workers=0, autocast=None, rank=0, world_size=1):
+def encode_dataset(encoders, dataset, device, batch_size=256, workers=0, autocast=None, rank=0, world_size=1,
+                   collate_fn=None):
     """encoders {name: fn(inputs) -> [b, D]}, dataset of (input, label) -> ({name: unit-norm float [N, D]},
-    labels [N]), every item of the dataset in order, on every rank; each rank encodes its shard once."""
+    labels [N]), every item of the dataset in order, on every rank; each rank encodes its shard once.
+    collate_fn: the loader's (caption datasets: data.collate, which cuts each batch after its last EOT)."""
     if len(dataset) < world_size:
         raise ValueError(f"{len(dataset)} items cannot be shared by {world_size} ranks")
     shard = torch.utils.data.Subset(dataset, range(rank, len(dataset), world_size))
-    loader = torch.utils.data.DataLoader(shard, batch_size=batch_size, num_workers=workers)
+    loader = torch.utils.data.DataLoader(shard, batch_size=batch_size, num_workers=workers, collate_fn=collate_fn)
     features, labels = {name: [] for name in encoders}, []
     for inputs, y in loader:
         inputs = inputs.to(device, non_blocking=True)
@@ -175,7 +178,8 @@ def retrieve(heads, images, captions, device, batch_size=256, workers=0, autocas
     common = dict(device=device, batch_size=batch_size, workers=workers, autocast=autocast, rank=rank,
                   world_size=world_size)
     image_features, _ = encode_dataset({name: head[0] for name, head in heads.items()}, images, **common)
-    text_features, text_to_image = encode_dataset({name: head[1] for name, head in heads.items()}, captions, **common)
+    text_features, text_to_image = encode_dataset({name: head[1] for name, head in heads.items()}, captions,
+                                                  collate_fn=functools.partial(data.collate, tokens_at=0), **common)
     return {name: retrieval_metrics(image_features[name], text_features[name], text_to_image) for name in heads}
 
 

@@ -119,11 +119,12 @@ class XCLIP(nn.Module):
                 "nclip": (lambda x: sqrt_distribution(self.image_head(self.visual(x)), self.student_temp),
                           lambda t: sqrt_distribution(self.text_head(self.text(t)), self.student_temp))}
 
-    def flops_per_sample(self):
-        """Training FLOPs per pair: forward + backward (2x forward) of the towers, projections and heads."""
+    def flops_per_sample(self, text_length=None):
+        """Training FLOPs per pair: forward + backward (2x forward) of the towers, projections and heads,
+        captions run on text_length tokens (default: the full context)."""
         projections = 2 * (self.image_projection.weight.numel() + self.text_projection.weight.numel())
         heads = self.image_head.flops() + self.text_head.flops()
-        return 3 * (self.visual.flops() + self.text.flops() + projections + heads)
+        return 3 * (self.visual.flops() + self.text.flops(text_length) + projections + heads)
 
 
 def build_model(args):
@@ -575,14 +576,17 @@ class TextTower(nn.Module):
         self.transformer = Transformer(width, layers, heads, causal=True)
         self.ln_final = nn.LayerNorm(width)
 
-    def forward(self, tokens, dropout=0.0):  # tokens [B, L]
+    def forward(self, tokens, dropout=0.0):  # tokens [B, L], any L <= context_length
+        # Batches come cut after their last EOT (data.trim_tokens): under the causal mask no later position reaches
+        # an EOT, so the features are those of the full context (with dropout: in distribution), at less compute.
         x = self.token_embedding(tokens) + self.positional_embedding[: tokens.shape[1]]  # [B, L, C]
         x = self.transformer(x, dropout)  # [B, L, C]
         eot = (tokens == data.EOT_TOKEN).int().argmax(dim=1)  # [B] position of the first end-of-text token
         return self.ln_final(x[torch.arange(len(x), device=x.device), eot])  # [B, C]
 
-    def flops(self):
-        return transformer_flops(self.context_length, self.width, self.layers)
+    def flops(self, length=None):
+        """Forward FLOPs per caption run on `length` tokens (default: the full context)."""
+        return transformer_flops(length or self.context_length, self.width, self.layers)
 
 
 def transformer_flops(tokens, width, layers):
@@ -868,6 +872,8 @@ def build_training(args, device, precision):
 
 def train_step(model, raw_model, optimizer, scaler, images, tokens, args, autocast, precision):
     """One optimizer step (bench.py times this very function). -> (loss, logs), still on the device."""
+    if args.compile:  # batches differ in text length (data.trim_tokens): one graph for all, not a static one first
+        torch._dynamo.maybe_mark_dynamic(tokens, tokens.dim() - 1)  # measured: 1 compile instead of 2
     with autocast:
         out = model(images, tokens)
     loss, logs = compute_loss(out, args)  # outside autocast: the loss runs in fp32
@@ -966,13 +972,14 @@ def train(args, device, rank, world_size, stop):
     control = dist.new_group(backend="gloo") if world_size > 1 and dist.get_backend() != "gloo" else None
     batches = iter(loader)
     sums, n_sum, bad_in_a_row = {}, 0, torch.zeros((), device=device)
-    bad_total, data_time, t_log = torch.zeros((), device=device), 0.0, time.time()
+    bad_total, data_time, t_log, flops = torch.zeros((), device=device), 0.0, time.time(), 0
     eval_time = 0.0  # seconds of the last evaluation, for the time left
     for step in range(start_step, total_steps):
         t_data = time.time()
         images, tokens = next(batches)
         images, tokens = images.to(device, non_blocking=True), tokens.to(device, non_blocking=True)
         data_time += time.time() - t_data
+        flops += raw_model.flops_per_sample(text_length=tokens.shape[-1]) * len(tokens)  # at the captions' cut length
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step)
 
@@ -998,7 +1005,7 @@ def train(args, device, rank, world_size, stop):
             record = {"step": done, **{k: totals[i] / good for i, k in enumerate(keys)}, "lr": lr_at(step)}
             record["samples_per_s_per_gpu"] = samples_per_s
             record["data_time"] = data_time / n_sum
-            record["mfu"] = raw_model.flops_per_sample() * samples_per_s / (peak_tflops * 1e12) if peak_tflops else None
+            record["mfu"] = flops / elapsed / (peak_tflops * 1e12) if peak_tflops else None
             record["peak_mem_gb"] = peak_memory(device) / 2**30
             record["skipped_samples"], record["nonfinite_steps"] = int(totals[-1]), int(totals[-2])
             # Where the run is: time left = steps left at this interval's rate (evaluations excluded) + the
@@ -1009,7 +1016,8 @@ def train(args, device, rank, world_size, stop):
             record["elapsed_s"] = elapsed_before + time.time() - t_start
             record["time_left_s"] = (total_steps - done) * elapsed / n_sum + evals_left * eval_time
             log(record, args)
-            sums, n_sum, bad_total, data_time, t_log = {}, 0, torch.zeros((), device=device), 0.0, time.time()
+            sums, n_sum, bad_total, data_time, flops = {}, 0, torch.zeros((), device=device), 0.0, 0
+            t_log = time.time()
             if int(bad_in_a_row) >= args.max_bad_steps:
                 state = checkpoint_state(done)
                 if rank == 0:

@@ -15,7 +15,15 @@ def test_our_step_is_timed_for_each_batch_size(capsys):
                                  "--repeats", "2", "--device", "cpu"]))
     rows = [line.split() for line in capsys.readouterr().out.splitlines() if line.startswith("tiny")]
     assert [(r[1], r[2]) for r in rows] == [("4", "fp32"), ("8", "fp32")]
-    assert all(float(r[3]) > 0 for r in rows)
+    assert all(float(r[4]) > 0 for r in rows)
+    assert float(rows[0][3]) < 20  # mean text length run: CC3M-like captions of 4 stop well before the context
+
+
+def test_full_captions_run_the_whole_context(capsys):
+    bench.main(bench.parse_args(["--model", "tiny", "--batch-size", "4", "--steps", "1", "--warmup", "1",
+                                 "--repeats", "1", "--device", "cpu", "--captions", "full"]))
+    row = next(line.split() for line in capsys.readouterr().out.splitlines() if line.startswith("tiny"))
+    assert float(row[3]) == 20  # the tiny preset's context length
 
 
 def test_loader_bench_times_both_sources_for_each_worker_count():
@@ -42,8 +50,8 @@ def test_compare_openclip_ends_with_the_median_ratio(capsys):
                                  "--repeats", "1", "--device", "cpu", "--compare-openclip"]))
     out = capsys.readouterr().out.strip().splitlines()
     row = next(line.split() for line in out if line.startswith("tiny"))
-    # columns: model batch precision ours MFU mem theirs mem ratio
-    ours, theirs, ratio = float(row[3]), float(row[6]), float(row[-1])
+    # columns: model batch precision tokens ours MFU mem theirs mem ratio
+    ours, theirs, ratio = float(row[4]), float(row[7]), float(row[-1])
     assert ratio == pytest.approx(ours / theirs, abs=0.01)  # printed to 2 decimals from unrounded rates
     assert re.fullmatch(r"ratio ours/openclip: \d+\.\d\d", out[-1])
 

@@ -89,6 +89,7 @@ def test_retrieval_metrics_match_a_naive_reference_with_several_captions_and_tie
 
 def test_prompt_ensemble_averages_normalised_template_embeddings():
     table = torch.randn(data.VOCAB_SIZE, 5, generator=torch.Generator().manual_seed(2))
+    table[data.PAD_TOKEN] = 0  # padding adds nothing (as to the text tower): the batches are cut after their last EOT
     encode_text = lambda tokens: table[tokens].sum(1)  # [B, L] -> [B, 5], a different vector per prompt
     classnames, templates = ["red circle", "blue star", "cat"], ["a {}.", "a photo of a {}.", "{}, drawn"]
     got = ez.build_classifier(encode_text, classnames, templates, 16, "cpu", batch_size=4)  # several batches
