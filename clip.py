@@ -239,17 +239,23 @@ class CLIP(nn.Module):
                     out["ssl_text"] = per_view(t["ssl_text"], t_text)  # [B, 1 + A, d]
         return out
 
-    def after_step(self):
-        """After each optimizer step: clamp the temperatures (not in the forward, which would cut their
-        gradient at the bound), move the EMA teacher towards the student, count the step for the swav freeze."""
+    def after_step(self, applied):
+        """After each optimizer step (`applied`: a bool tensor, False when a non-finite gradient made the
+        scaler skip it): clamp the temperatures (not in the forward, which would cut their gradient at the
+        bound), keep the BatchNorm running statistics and move the EMA teacher only if the step was applied,
+        count the step for the swav freeze."""
         with torch.no_grad():
             self.logit_scale.clamp_(0, math.log(100))
             if self.has_mlp:
                 self.mlp_logit_scale.clamp_(0, math.log(100))
+            for module in self.modules():
+                if isinstance(module, BatchNorm):
+                    module.apply_running(applied)
             if self.ssl == "byol":
+                weight = (1 - self.ema) * applied.float()  # 0 for a skipped step: the teacher stays
                 for part in self.ema_parts():
                     for teacher, student in zip(self.teacher[part].parameters(), getattr(self, part).parameters()):
-                        teacher.lerp_(student, 1 - self.ema)
+                        teacher.lerp_(student, weight)
         if self.ssl == "swav":
             self.swav_prototypes.count_step()
 
@@ -289,12 +295,21 @@ class BatchNorm(nn.BatchNorm1d):
         n = x.shape[0] * get_world_size()
         mean = all_reduce_with_grad(x.sum(0)) / n  # [C]
         var = all_reduce_with_grad(((x - mean) ** 2).sum(0)) / n  # [C], biased, as BatchNorm1d
-        with torch.no_grad():
-            self.running_mean.lerp_(mean, self.momentum)
-            self.running_var.lerp_(var * n / max(1, n - 1), self.momentum)
-            self.num_batches_tracked += 1
+        with torch.no_grad():  # running statistics: held until the step is known to be applied (apply_running)
+            m, v, t = self.next_running or (self.running_mean, self.running_var, self.num_batches_tracked)
+            self.next_running = (m.lerp(mean, self.momentum), v.lerp(var * n / max(1, n - 1), self.momentum), t + 1)
         x = (x - mean) / torch.sqrt(var + self.eps)  # [b, C]
         return x * self.weight + self.bias if self.affine else x
+
+    next_running = None  # (mean, var, count) after this step's forwards, until apply_running
+
+    def apply_running(self, applied):
+        """After the optimizer step: keep this step's running statistics only if the step was applied (a
+        skipped non-finite step leaves them as they were). `applied`: a bool tensor on the device, no sync."""
+        if self.next_running is not None:
+            for buffer, new in zip((self.running_mean, self.running_var, self.num_batches_tracked), self.next_running):
+                buffer.copy_(torch.where(applied, new, buffer))
+            self.next_running = None
 
 
 def mlp(dims, last_bn=False, last_affine=True):
@@ -596,7 +611,9 @@ def check_common_args(args, parser):
         parser.error(f"--data {args.data}: no such file")
     if data.source_kind(args.data) == "tar" and not any(os.path.exists(u) for u in data.expand_braces(args.data)):
         parser.error(f"--data {args.data}: no shard of this pattern exists")
-    if args.resume not in (None, "auto") and not os.path.isfile(args.resume):
+    # Under torchrun a rank may lack a file that another has (no shared file system): train() decides together.
+    single = os.environ.get("WORLD_SIZE", "1") == "1"
+    if args.resume not in (None, "auto") and not os.path.isfile(args.resume) and single:
         parser.error(f"--resume {args.resume}: no such checkpoint file "
                      f"(use --resume auto to continue OUT_DIR/ckpt.pt if it exists)")
     if args.eval_dataset is None:  # zero-shot on drawn shapes says nothing about a model trained on other data
@@ -794,6 +811,7 @@ def print0(*args, **kwargs):
 # Dense bf16/fp16 peak TFLOP/s by GPU name, for the MFU column.
 GPU_PEAK_TFLOPS = {"H100": 989, "H200": 989, "A100": 312, "L40S": 362, "A10G": 70, "L4": 121, "V100": 125}
 DEFAULT_STEPS = 600
+STOP_CHECK_EVERY = 10  # steps between the ranks' agreement on stopping (one tiny all-reduce, read on the host)
 
 
 def main(args):
@@ -812,18 +830,21 @@ def main(args):
         store = dist.PrefixStore(f"attempt{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo", store=store, rank=rank,
                                 world_size=world_size, device_id=device if device.type == "cuda" else None)
-    # SIGTERM (a scheduler's kill) and SIGUSR1 (SLURM's warning before preemption) only raise a flag: the run
-    # saves a checkpoint at the next step boundary and exits 0; `--resume auto` continues it. A second signal
-    # while that is under way ends the process at once.
+    # SIGTERM (a scheduler's kill), SIGUSR1 (SLURM's warning before the time limit) and SIGINT (Ctrl-C) only
+    # raise a flag: within STOP_CHECK_EVERY steps the ranks agree to stop, save a checkpoint and exit 0;
+    # `--resume auto` continues. Loader workers ignore these signals (data.ignore_stop_signals). A signal to the
+    # process group under torchrun arrives twice (directly, then forwarded by the agent): a repeat within 2 s is
+    # the same request; a later one ends the process at once.
     stop = {}
 
     def handler(signum, frame):
-        if "signal" in stop:
+        if "signal" in stop and time.time() - stop["at"] > 2.0:
             signal.signal(signum, signal.SIG_DFL)
             os.kill(os.getpid(), signum)
-        stop["signal"] = signal.Signals(signum).name
+        stop.setdefault("signal", signal.Signals(signum).name)
+        stop.setdefault("at", time.time())
 
-    previous = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGUSR1)}
+    previous = {s: signal.signal(s, handler) for s in data.STOP_SIGNALS}
     try:
         return train(args, device, rank, world_size, stop)
     finally:
@@ -840,6 +861,39 @@ def resolve_resume(args):
         path = os.path.join(args.out_dir, "ckpt.pt")
         return path if os.path.exists(path) else None
     return args.resume
+
+
+def agree_on_checkpoint(args, rank, world_size):
+    """-> (the checkpoint every rank resumes from, or None; its path). Each rank looks on its own file system
+    (nodes need not share one): OUT_DIR/ckpt.pt for --resume auto, PATH for --resume PATH. The newest
+    checkpoint that some rank could read is the one all ranks take: ranks without it receive it from the
+    rank that has it (a broadcast), so ranks never start from different steps or optimizer states. A
+    checkpoint no rank can read stops every rank with the same one-line error."""
+    path = resolve_resume(args)
+    ckpt, error = None, None
+    if path is not None:
+        try:
+            ckpt = load_checkpoint(path, args)
+        except SystemExit as e:
+            error = str(e)
+    if world_size == 1:
+        if error:
+            raise SystemExit(error)
+        return ckpt, path
+    reports = all_gather_object({"step": ckpt["step"] if ckpt else None, "error": error, "path": path})
+    steps = [r["step"] for r in reports if r["step"] is not None]
+    if not steps:
+        errors = [r["error"] for r in reports if r["error"]]
+        if errors:  # every rank stops with the same message
+            raise SystemExit(errors[0] + (f" (on {len(errors)} of {world_size} ranks)" if len(errors) > 1 else ""))
+        return None, None  # --resume auto and no checkpoint anywhere: a fresh start
+    source = next(r for r, report in enumerate(reports) if report["step"] == max(steps))
+    if any(report["step"] != max(steps) for report in reports):
+        box = [ckpt if rank == source else None]
+        dist.broadcast_object_list(box, src=source)  # only when some rank lacks it: no shared file system
+        ckpt = box[0]
+        print0(f"rank {source} holds the newest checkpoint (step {max(steps)}); the ranks without it received it")
+    return ckpt, reports[source]["path"]
 
 
 def load_checkpoint(path, args):
@@ -1037,14 +1091,16 @@ def train_step(model, raw_model, optimizer, scaler, images, tokens, args, autoca
         out = model(images, tokens)
     loss, logs = compute_loss(out, args)  # outside autocast: the loss runs in fp32
     scaler.scale(loss).backward()
-    scaler.unscale_(optimizer)
+    scaler.unscale_(optimizer)  # also finds inf/NaN gradients (after DDP's all-reduce: the same on every rank)
+    found_inf = sum(scaler._per_optimizer_states[id(optimizer)]["found_inf_per_device"].values())  # 0 or 1
     if args.grad_clip > 0:
         torch.nn.utils.clip_grad_norm_(raw_model.parameters(), args.grad_clip)
     scaler.step(optimizer)  # skipped when a gradient is inf/NaN
     scaler.update(None if precision == "fp16" else 1.0)  # only fp16 needs a loss scale other than 1
     optimizer.zero_grad(set_to_none=True)
-    raw_model.after_step()
-    return loss, logs
+    applied = found_inf == 0  # on the device (no sync), and agreed by the ranks, whose gradients are all-reduced
+    raw_model.after_step(applied)
+    return loss, logs, applied
 
 
 def train(args, device, rank, world_size, stop):
@@ -1055,7 +1111,7 @@ def train(args, device, rank, world_size, stop):
     if workers is None:  # the CPUs of this node shared by its ranks, one left for the rank itself, at most 8
         cpus_per_rank = (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
         workers = max(0, min(8, cpus_per_rank - 1))
-    ckpt_path = resolve_resume(args)
+    ckpt, ckpt_path = agree_on_checkpoint(args, rank, world_size)
     if rank == 0:
         os.makedirs(args.out_dir, exist_ok=True)
     eval_sets = open_eval_sets(args)
@@ -1067,8 +1123,7 @@ def train(args, device, rank, world_size, stop):
 
     # Resume: weights, optimizer, loss scale, step, random state and data position.
     start_step, data_state, elapsed_before = 0, None, 0.0
-    if ckpt_path:
-        ckpt = load_checkpoint(ckpt_path, args)
+    if ckpt:
         elapsed_before = ckpt.get("elapsed_s", 0.0)  # the training time of the run's earlier attempts
         raw_model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
@@ -1127,8 +1182,6 @@ def train(args, device, rank, world_size, stop):
                 "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
                 "rng": all_gather_object(rng_state(device)), "data": all_gather_object(loader.state_dict())}
 
-    # The ranks agree every step on whether to stop, through a gloo group: a CPU collective, no GPU sync.
-    control = dist.new_group(backend="gloo") if world_size > 1 and dist.get_backend() != "gloo" else None
     batches = iter(loader)
     sums, n_sum, bad_in_a_row = {}, 0, torch.zeros((), device=device)
     bad_total, data_time, t_log, flops = torch.zeros((), device=device), 0.0, time.time(), 0
@@ -1142,9 +1195,8 @@ def train(args, device, rank, world_size, stop):
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step)
 
-        loss, logs = train_step(model, raw_model, optimizer, scaler, images, tokens, args, autocast, precision)
-
-        finite = torch.isfinite(loss.detach())  # counted on the device: no host sync outside log steps
+        loss, logs, finite = train_step(model, raw_model, optimizer, scaler, images, tokens, args, autocast, precision)
+        # finite: the step was applied (finite loss and gradients). Counted on the device: no host sync here.
         bad_in_a_row = (bad_in_a_row + 1) * ~finite
         bad_total += ~finite
         for k, v in {"loss": loss.detach(), **logs}.items():
@@ -1177,23 +1229,30 @@ def train(args, device, rank, world_size, stop):
             log(record, args)
             sums, n_sum, bad_total, data_time, flops = {}, 0, torch.zeros((), device=device), 0.0, 0
             t_log = time.time()
-            if int(bad_in_a_row) >= args.max_bad_steps:
+        stopping = False
+        if done % STOP_CHECK_EVERY == 0 or done % args.log_every == 0 or done == total_steps:
+            # Decisions every rank takes together: the max over ranks of (a signal arrived, bad steps in a row).
+            flags = torch.stack([torch.tensor(float("signal" in stop), device=device), bad_in_a_row.float()])
+            if world_size > 1:
+                dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+            signalled, bad = flags.tolist()
+            if bad >= args.max_bad_steps:
                 state = checkpoint_state(done)
                 if rank == 0:
                     save_checkpoint(os.path.join(args.out_dir, "ckpt.pt"), state)
-                raise SystemExit(f"{args.max_bad_steps} steps in a row had a non-finite loss; stopped at step {done} "
-                                 f"with the last good weights saved in {args.out_dir}/ckpt.pt "
+                raise SystemExit(f"{args.max_bad_steps} steps in a row had a non-finite loss or gradient; stopped at "
+                                 f"step {done} with the last good weights saved in {args.out_dir}/ckpt.pt "
                                  f"(lower --lr or use --grad-clip)")
-        stopping = torch.tensor(int("signal" in stop))
-        if world_size > 1:
-            dist.all_reduce(stopping, op=dist.ReduceOp.MAX, group=control)
+            stopping = signalled > 0
         keep = args.keep_every and done % args.keep_every == 0  # a snapshot kept besides the rolling ckpt.pt
         if (args.save_every and done % args.save_every == 0) or done == total_steps or stopping or keep:
+            t_save = time.time()
             state = checkpoint_state(done)
             if rank == 0:
                 save_checkpoint(os.path.join(args.out_dir, "ckpt.pt"), state)
                 if keep:
                     save_checkpoint(os.path.join(args.out_dir, f"ckpt_{done}.pt"), state)
+            t_log += time.time() - t_save  # the log interval's samples/s leaves checkpoint writes out
         if stopping and done < total_steps:
             log({"step": done, "stopped_by": stop.get("signal", "another rank's signal")}, args)
             print0(f"stopped by a signal at step {done} of {total_steps}; {args.out_dir}/ckpt.pt holds it: "

@@ -22,6 +22,7 @@ import math
 import os
 import random
 import re
+import signal
 import sys
 import tarfile
 
@@ -547,6 +548,18 @@ def preflight(source, n=32, what="data"):
         raise RuntimeError(f"{what}: {len(errors)} of {len(indices)} probed samples are unreadable, e.g. {errors[0]}")
 
 
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)  # what schedulers, torchrun and Ctrl-C send
+
+
+def ignore_stop_signals(worker_id=None):
+    """worker_init_fn of every loader: the workers ignore the signals that ask a run to stop. Schedulers,
+    torchrun and Ctrl-C signal the whole process group; the main process then saves a checkpoint and shuts
+    its workers down itself (a worker that died of the signal would end the run without one). Workers
+    whose main process is killed still exit: PyTorch's workers watch their parent."""
+    for s in STOP_SIGNALS:
+        signal.signal(s, signal.SIG_IGN)
+
+
 def build_loader(spec, batch_size, image_views, text_views, *, rank=0, world_size=1, workers=0, seed=0,
                  context_length=77, image_size=224, start_step=0, state=None, pin_memory=False,
                  csv_img_key="filepath", csv_caption_key="caption", csv_separator=None, num_samples=None):
@@ -555,7 +568,7 @@ def build_loader(spec, batch_size, image_views, text_views, *, rank=0, world_siz
     (default: counted from the tar headers). Returns a Loader with `.steps_per_epoch`."""
     kind = source_kind(spec)
     common = dict(batch_size=batch_size, num_workers=workers, pin_memory=pin_memory,
-                  prefetch_factor=4 if workers else None, collate_fn=collate)
+                  prefetch_factor=4 if workers else None, collate_fn=collate, worker_init_fn=ignore_stop_signals)
     if kind == "tar":
         urls = expand_braces(spec)
         present = [u for u in urls if os.path.exists(u)]

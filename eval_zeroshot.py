@@ -140,7 +140,8 @@ def encode_dataset(encoders, dataset, device, batch_size=256, workers=0, autocas
     if len(dataset) < world_size:
         raise ValueError(f"{len(dataset)} items cannot be shared by {world_size} ranks")
     shard = torch.utils.data.Subset(dataset, range(rank, len(dataset), world_size))
-    loader = torch.utils.data.DataLoader(shard, batch_size=batch_size, num_workers=workers, collate_fn=collate_fn)
+    loader = torch.utils.data.DataLoader(shard, batch_size=batch_size, num_workers=workers, collate_fn=collate_fn,
+                                         worker_init_fn=data.ignore_stop_signals)  # a run's signal is for the run
     features, labels = {name: [] for name in encoders}, []
     for inputs, y in loader:
         inputs = inputs.to(device, non_blocking=True)
