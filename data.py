@@ -273,18 +273,26 @@ def expand_braces(pattern):
     return out
 
 
+def split_member_name(name):
+    """'dir/key.ext.more' -> ('dir/key', 'ext.more'): a sample's key ends at the first dot of the file name
+    (webdataset's convention; dots in directories and a leading './' are part of the key); None for a name
+    without an extension. Grouping (tar_samples) and counting (count_tar_samples) both use it."""
+    base = os.path.basename(name)
+    if "." not in base:
+        return None
+    stem, ext = base.split(".", 1)
+    return os.path.join(os.path.dirname(name), stem), ext
+
+
 def tar_samples(path):
     """Yield (key, {extension: bytes}) for the samples of one shard, grouping consecutive members that
-    share a key (the file name up to its first dot). A missing or truncated shard raises."""
+    share a key (split_member_name). A missing or truncated shard raises."""
     key, files = None, {}
     with tarfile.open(path, mode="r|*") as tar:
         for member in tar:
-            if not member.isfile():
+            if not member.isfile() or split_member_name(member.name) is None:
                 continue
-            base = os.path.basename(member.name)
-            if "." not in base:
-                continue
-            prefix, ext = os.path.join(os.path.dirname(member.name), base.split(".", 1)[0]), base.split(".", 1)[1]
+            prefix, ext = split_member_name(member.name)
             if prefix != key:
                 if key is not None:
                     yield key, files
@@ -306,17 +314,27 @@ def decode_tar_sample(files):
 
 
 def count_tar_samples(urls):
-    """Number of samples (distinct keys with an image) in the shards, read from the tar headers only."""
+    """Number of samples (distinct keys with an image part) in the shards, read from the tar headers only;
+    an unreadable shard is reported and counts 0."""
     total = 0
     for url in urls:
         try:
             with tarfile.open(url) as tar:
-                keys = {m.name.split(".", 1)[0] for m in tar.getmembers()
-                        if m.name.rsplit(".", 1)[-1].lower() in IMAGE_EXTENSIONS}
-            total += len(keys)
-        except (OSError, tarfile.TarError):
-            pass
+                names = [split_member_name(m.name) for m in tar.getmembers() if m.isfile()]
+            total += len({key for key, ext in filter(None, names) if ext.lower() in IMAGE_EXTENSIONS})
+        except (OSError, tarfile.TarError, EOFError) as e:
+            print(f"[data] cannot count the samples of shard {url} ({type(e).__name__}: {e}); counted as 0",
+                  file=sys.stderr)
     return total
+
+
+def count_on_rank_0(urls, rank, world_size):
+    """count_tar_samples by rank 0 alone, sent to every rank: one reading of all the tar headers, and the
+    same epoch length on every rank even if a node reads a shard differently."""
+    box = [count_tar_samples(urls) if rank == 0 else None]
+    if world_size > 1 and torch.distributed.is_initialized():
+        torch.distributed.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -501,7 +519,8 @@ class Loader:
             yield images, tokens
 
     def state_dict(self):
-        return {"step": self.step, "streams": {str(k): list(v) for k, v in self.streams.items()}}
+        return {"step": self.step, "streams": {str(k): list(v) for k, v in self.streams.items()},
+                "workers": self.dataloader.num_workers}
 
 
 def source_kind(spec):
@@ -544,8 +563,8 @@ def preflight(source, n=32, what="data"):
             source[i]
         except Exception as e:
             errors.append(f"{i}: {type(e).__name__}: {e}")
-    if len(errors) > len(indices) // 2:
-        raise RuntimeError(f"{what}: {len(errors)} of {len(indices)} probed samples are unreadable, e.g. {errors[0]}")
+    if len(errors) > len(indices) // 2:  # a start-up error: one line, no traceback
+        raise SystemExit(f"{what}: {len(errors)} of {len(indices)} probed samples are unreadable, e.g. {errors[0]}")
 
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)  # what schedulers, torchrun and Ctrl-C send
@@ -573,15 +592,20 @@ def build_loader(spec, batch_size, image_views, text_views, *, rank=0, world_siz
         urls = expand_braces(spec)
         present = [u for u in urls if os.path.exists(u)]
         if not present:
-            raise FileNotFoundError(f"--data {spec}: none of the {len(urls)} shards exists (first: {urls[0]})")
+            raise SystemExit(f"--data {spec}: none of the {len(urls)} shards exists (first: {urls[0]})")
         if len(present) < len(urls):
             print(f"[data] {len(urls) - len(present)} of {len(urls)} shards are missing; they are skipped",
                   file=sys.stderr)
         preflight(TarProbe(present), what=f"--data {spec}")
+        saved_workers = (state or {}).get("workers", workers)
+        if state and state.get("streams") and saved_workers != workers:
+            raise SystemExit(f"--data {spec}: the checkpoint's tar streams were read by {saved_workers} loader workers "
+                             f"per rank; resume with --workers {saved_workers} (each worker is one stream of shards, "
+                             f"so another count would read other samples)")
         dataset = TarShards(present, image_views, text_views, context_length, seed, rank, world_size, workers,
                             start_step=start_step,
                             state={int(k): tuple(v) for k, v in (state or {}).get("streams", {}).items()})
-        num_samples = num_samples or count_tar_samples(present)
+        num_samples = num_samples or count_on_rank_0(present, rank, world_size)
         steps_per_epoch = max(1, num_samples // (batch_size * world_size))
         loader = torch.utils.data.DataLoader(dataset, drop_last=True, **common)
         return Loader(loader, steps_per_epoch, start_step, dataset.state)

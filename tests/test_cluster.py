@@ -39,17 +39,21 @@ def group_is_gone(pgid, timeout=20):
     return False
 
 
-@pytest.mark.parametrize("kind, sig, torchrun", [("synthetic", signal.SIGTERM, False),
-                                                 ("csv", signal.SIGINT, False),
-                                                 ("tar", signal.SIGUSR1, False),
-                                                 ("tar", signal.SIGTERM, True)])
-def test_a_signal_to_the_process_group_saves_and_resume_equals_an_uninterrupted_run(tmp_path, kind, sig, torchrun):
+TORCHRUN = [PY, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+SLURM = TORCHRUN[:3] + ["--signals-to-handle", "SIGTERM,SIGINT,SIGUSR1"] + TORCHRUN[3:]  # README's sbatch
+
+
+@pytest.mark.parametrize("kind, sig, launch", [("synthetic", signal.SIGTERM, [PY]), ("csv", signal.SIGINT, [PY]),
+                                               ("tar", signal.SIGTERM, TORCHRUN),
+                                               ("synthetic", signal.SIGUSR1, SLURM)],
+                         ids=["synthetic-SIGTERM", "csv-SIGINT", "torchrun-tar-SIGTERM", "slurm-SIGUSR1"])
+def test_a_signal_to_the_process_group_saves_and_resume_equals_an_uninterrupted_run(tmp_path, kind, sig, launch):
     """The scheduler's kill (SIGTERM to the group; torchrun's agent forwards it, so ranks see it twice), SLURM's
     warning (SIGUSR1) and Ctrl-C (SIGINT) reach the loader workers too: they must not die of it. The run saves,
     exits 0, leaves no process behind, and `--resume auto` ends with the weights of a run never stopped."""
     args = ["--data", source(kind, tmp_path), "--workers", "2", "--steps", "24", "--batch-size", "8",
             "--save-every", "1000", "--eval-samples", "8"]
-    launch = [PY, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"] if torchrun else [PY]
+    torchrun = launch != [PY]
     if torchrun:
         args[args.index("--workers") + 1] = "1"  # 4 tar shards = 2 ranks x 2 streams at most
     run(launch + command(tmp_path / "straight", *args)[1:], env=ENV)

@@ -157,7 +157,7 @@ def test_csv_errors_name_the_column_and_the_flag(csv_dir):
 def test_a_mostly_unreadable_source_stops_with_a_clear_error(tmp_path):
     rows = ["filepath,caption"] + [f"missing{i}.png,caption {i}" for i in range(20)]
     (tmp_path / "bad.csv").write_text("\n".join(rows) + "\n")
-    with pytest.raises(RuntimeError, match="unreadable"):
+    with pytest.raises(SystemExit, match="unreadable"):  # one line at start-up, no traceback
         data.build_loader(str(tmp_path / "bad.csv"), 2, [augment.CLIPView(16)], [augment.TextView()])
     source = data.CsvPairs(str(tmp_path / "bad.csv"))
     dataset = data.PairDataset(source, [augment.CLIPView(16)], [augment.TextView()], max_bad_in_a_row=5)
@@ -296,3 +296,39 @@ def test_tar_loader_resumes_at_the_same_sample(tmp_path):
     resumed = data.build_loader(spec, 3, *views, workers=2, context_length=12, start_step=5, state=state)
     it = iter(resumed)
     assert [data.decode(next(it)[1][0, 0]) for _ in range(7)] == reference[5:]
+
+
+def test_tar_samples_are_counted_as_they_are_grouped(tmp_path):
+    """Names with './' or a dotted directory: count_tar_samples (the epoch length) must count the samples that
+    tar_samples yields. It used to cut keys at the first dot of the whole path: one sample per shard."""
+    path = str(tmp_path / "shard.tar")
+    with tarfile.open(path, "w") as tar:
+        for i in range(3):
+            add_file(tar, f"./{i:06d}.jpg", jpeg_bytes((10 * i, 0, 0)))
+            add_file(tar, f"./{i:06d}.txt", f"caption {i}".encode())
+        for i in range(2):
+            add_file(tar, f"v1.2/{i:06d}.seg.png", b"mask")  # another part of the same sample
+            add_file(tar, f"v1.2/{i:06d}.jpg", jpeg_bytes((0, 10 * i, 0)))
+            add_file(tar, f"v1.2/{i:06d}.txt", f"dotted {i}".encode())
+    grouped = [key for key, files in data.tar_samples(path) if "jpg" in files]
+    assert len(grouped) == 5 and data.count_tar_samples([path]) == 5
+
+
+def test_an_unreadable_shard_is_reported_when_counting(tmp_path, capsys):
+    (tmp_path / "broken.tar").write_bytes(b"not a tar file at all" * 100)
+    assert data.count_tar_samples([str(tmp_path / "broken.tar")]) == 0
+    assert "cannot count the samples of shard" in capsys.readouterr().err
+
+
+def test_resuming_a_tar_stream_with_another_worker_count_is_refused(tmp_path):
+    write_shards(str(tmp_path), n_shards=4, per_shard=6)
+    spec = str(tmp_path / "{00000..00003}.tar")
+    views = [augment.CLIPView(16)], [augment.TextView()]
+    loader = data.build_loader(spec, 2, *views, workers=2, context_length=8)
+    batches = iter(loader)
+    next(batches)
+    state = loader.state_dict()
+    assert state["workers"] == 2
+    with pytest.raises(SystemExit, match="resume with --workers 2"):
+        data.build_loader(spec, 2, *views, workers=1, context_length=8, start_step=1, state=state)
+    data.build_loader(spec, 2, *views, workers=2, context_length=8, start_step=1, state=state)  # same count: fine

@@ -189,6 +189,30 @@ def test_non_finite_steps_are_skipped_counted_and_stop_the_run(tmp_path, monkeyp
     assert_same(good, last)  # the stop checkpoint holds the weights of the last good step
 
 
+def test_a_skipped_step_leaves_batchnorm_statistics_and_the_byol_teacher_alone(monkeypatch):
+    """BatchNorm running statistics (SSL heads) and the BYOL EMA teacher move only with an applied step; a
+    non-finite step, skipped by the scaler on the device, leaves them as they were (they used to move)."""
+    args = clip.parse_args(["--ssl", "byol", "--batch-size", "8"])
+    torch.manual_seed(0)
+    raw_model, optimizer, scaler = clip.build_training(args, torch.device("cpu"), "fp32")
+    precision, autocast = clip.mixed_precision(args, torch.device("cpu"))
+    images = torch.randint(0, 256, (8, 1, 3, 32, 32), dtype=torch.uint8)
+    tokens = data.tokenize([f"a caption number {i}" for i in range(8)], 20)[:, None]  # [8, 1, 20]
+
+    def buffers_and_teacher():
+        return {k: v.clone() for k, v in raw_model.state_dict().items() if "running" in k or "teacher" in k}
+
+    before = buffers_and_teacher()
+    monkeypatch.setattr(clip, "compute_loss", nan_on({1}))
+    *_, applied = clip.train_step(raw_model, raw_model, optimizer, scaler, images, tokens, args, autocast, precision)
+    assert not applied
+    assert_same(before, buffers_and_teacher())
+    *_, applied = clip.train_step(raw_model, raw_model, optimizer, scaler, images, tokens, args, autocast, precision)
+    after = buffers_and_teacher()
+    assert applied and not any(torch.equal(before[k], after[k]) for k in before if "running_mean" in k)
+    assert not all(torch.equal(before[k], after[k]) for k in before if "teacher" in k)
+
+
 def test_impossible_flags_fail_before_any_work_naming_the_flag(tmp_path, capsys):
     cases = [(["--batch-size", "0"], "--batch-size"), (["--resume", str(tmp_path / "none.pt")], "--resume"),
              (["--data", str(tmp_path / "none.csv")], "--data"), (["--data", str(tmp_path / "{0..3}.tar")], "--data"),
@@ -211,7 +235,12 @@ def test_a_mostly_unreadable_tar_source_stops_before_training(tmp_path):
     out = subprocess.run(command(tmp_path / "run", "--data", str(tmp_path / "00000.tar"), "--workers", "0"),
                          capture_output=True, text=True, timeout=120)
     assert out.returncode != 0 and "10 of 10 probed samples are unreadable" in out.stderr
+    assert "Traceback" not in out.stderr  # one line
     assert not os.path.exists(tmp_path / "run" / "log.jsonl")
+    (tmp_path / "bad.csv").write_text("filepath,caption\n" + "".join(f"missing{i}.png,c {i}\n" for i in range(20)))
+    out = subprocess.run(command(tmp_path / "csv", "--data", str(tmp_path / "bad.csv"), "--workers", "0"),
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode != 0 and "probed samples are unreadable" in out.stderr and "Traceback" not in out.stderr
 
 
 def test_torchrun_elastic_restart_resumes_from_the_last_checkpoint(tmp_path):
