@@ -103,6 +103,20 @@ def test_targets_are_sharper_than_the_predictions_they_supervise():
         assert nclip.entropy(q).mean() < nclip.entropy(p).mean() - 0.1
 
 
+def test_prototype_scores_are_fp32_under_bf16_autocast():
+    """bf16 resolves ~0.008 near 1, an error of 0.1-0.2 in a logit at tau 0.04-0.1: the head computes the
+    normalised-bottleneck x prototypes product in fp32 even inside autocast."""
+    torch.manual_seed(0)
+    head = nclip.PrototypeHead(16, 32, 8, 64)
+    x = torch.randn(4, 16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        scores = head(x)  # [4, 64]
+        z = F.normalize(head.mlp(x).float(), dim=-1)  # [4, 8], the bottleneck as autocast computes it
+    assert scores.dtype == torch.float32
+    expected = z.double() @ F.normalize(head.prototypes.double(), dim=-1).t()  # [4, 64]
+    assert torch.allclose(scores.double(), expected, atol=1e-6)
+
+
 # --- distributed -------------------------------------------------------------------------------------
 
 def loss_inputs():
