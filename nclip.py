@@ -3,10 +3,25 @@
 Each modality is projected to a distribution over K prototypes (K = 32768 for base models), and each
 modality's distribution is the pseudo-label that supervises the other modality's prediction:
     p_m = softmax(z_m / tau_s),   q_m = stopgrad(Sinkhorn(z_m))   [or softmax(z_m / tau_t), tau_t < tau_s]
-    L = 1/2 [ H(q_T, p_I) + H(q_I, p_T) ]  +  lambda * 1/2 sum_m ( log K - H(mean over the batch of p_m) )
+    L = 1/2 [ H(q_T, p_I) + H(q_I, p_T) ]  +  1/2 sum_m [ lambda (log K - H(mean_batch p_m)) + mu mean_batch H(p_m) ]
 (m = I, T). The first term asks an image and its caption to land in the same clusters, with no negatives;
-the second (mean-entropy maximisation over the global batch) keeps the batch from collapsing onto a few
-prototypes; Sinkhorn-Knopp targets are sharp and use every prototype equally over the batch.
+the mean-entropy term (over the global batch) keeps the batch from collapsing onto a few prototypes, the
+per-sample entropy term keeps each output confident; Sinkhorn-Knopp targets are sharp and spread the batch
+over the prototypes.
+
+Why nCLIP alone used to collapse, and the fix (measurements in README "Results"; tests/test_nclip.py):
+  1. A fixed point: when every p is uniform, the targets computed from the same scores are uniform too, the
+     prediction term sits at its minimum log K given them, and the mean-entropy term is satisfied (the batch
+     mean is uniform). At initialisation the targets of one modality are unrelated to the other's input, so the
+     best prediction is their average, and training slides into that point: `python nclip.py` ended with
+     H(p) = 6.931 = log 1024 in every sample, zero-shot 0.016 (chance), linear probe 0.09; toy features
+     reproduce it (test_a_short_training_run_does_not_collapse). The per-sample entropy term (mu = 1) makes
+     the uniform point a maximum: with the mean-entropy term it maximises the information between an input and
+     its prototype, H(mean p) - mean H(p) (IMSAT, Hu et al. 2017; MSN has it as an option).
+  2. More prototypes than samples (K > N: 32768 against a few thousand per step for base models): Sinkhorn's
+     equal share 1/K per prototype spreads every target over at least K/N prototypes, flatter than confident
+     predictions (entropy 7.95 against 0.78 for K 4096, N 256), which pulls them back towards uniform. nCLIP's
+     Sinkhorn only caps each prototype's share at 1/N (one sample's worth) when K > N.
 
 A reconstruction, not the authors' code: the paper's code was never released, and its head, temperatures
 and anti-collapse term are not public (only that K = 32768 and that each modality's distribution supervises
@@ -141,6 +156,9 @@ def nclip_args(g):
     g.add_argument("--reg-weight", type=float, default=1.0,
                    help="lambda of the mean-entropy regulariser, which keeps the batch from collapsing onto a few "
                         "prototypes; raise it if prototypes_used in the log keeps falling")
+    g.add_argument("--sharpness", type=float, default=1.0,
+                   help="weight of the mean per-sample entropy H(p): with the mean-entropy term it maximises the "
+                        "information between an input and its prototype, which keeps outputs from going uniform")
     g.add_argument("--targets", default="sinkhorn", choices=["sinkhorn", "softmax"],
                    help="sinkhorn: Sinkhorn-Knopp targets that use every prototype equally over the global batch "
                         "(SwAV; epsilon 0.05, 3 iterations); softmax: targets sharpened with --teacher-temp. On the "
@@ -189,11 +207,13 @@ def entropy(p):  # [..., K] -> [...], in nats; 0 log 0 = 0
 
 # --- shared: sinkhorn ---
 @torch.no_grad()
-def sinkhorn(scores, epsilon=0.05, iters=3):
+def sinkhorn(scores, epsilon=0.05, iters=3, capped=False):
     """Sinkhorn-Knopp (Cuturi 2013, arXiv:1306.0895) as in SwAV (Caron et al. 2020, arXiv:2006.09882, eq. 3
     and its distributed_sinkhorn code), over the global batch. scores: this rank's rows [b, K].
         Q = exp(scores / epsilon)^T [K, N],  Q /= sum(Q),
         repeat: rows (prototypes) -> 1/K, columns (samples) -> 1/N
+    capped=True, for K > N: a prototype's total is only capped at 1/N (one sample's worth) instead of set to
+    1/K, which would spread every sample over at least K/N prototypes, flatter than sharp predictions.
     Returns N * Q^T [b, K]: each sample's assignment sums to 1 (exactly; the prototype marginals N/K only
     approximately after few iterations). Sums over samples are all-reduced, so the targets are those of the
     global batch. The global max of scores / epsilon is subtracted before exp (it cancels in Q /= sum(Q)), so
@@ -207,14 +227,18 @@ def sinkhorn(scores, epsilon=0.05, iters=3):
     Q = torch.exp(logits - m).t()  # [K, b], this rank's columns of the [K, N] matrix
     Q /= all_reduce_with_grad(Q.sum())  # the global Q sums to 1
     for _ in range(iters):
-        Q /= all_reduce_with_grad(Q.sum(dim=1, keepdim=True)) * K  # [K, b], every prototype's total: 1/K
+        rows = all_reduce_with_grad(Q.sum(dim=1, keepdim=True))  # [K, 1], every prototype's total
+        if capped and K > N:
+            Q *= torch.clamp(1 / (N * rows), max=1.0)  # [K, b], every prototype's total: at most 1/N
+        else:
+            Q /= rows * K  # [K, b], every prototype's total: 1/K
         Q /= Q.sum(dim=0, keepdim=True) * N  # [K, b], every sample's total: 1/N (columns are local)
     return (Q * N).t()  # [b, K], rows sum to 1
 # --- end shared: sinkhorn ---
 
 
 def nclip_loss(image_scores, text_scores, student_temp=0.1, teacher_temp=0.04, reg_weight=1.0,
-               targets="sinkhorn"):
+               targets="sinkhorn", sharpness=1.0):
     """nCLIP (Zhou et al. 2023), exact under DDP; see the module docstring for the equation.
 
     image_scores, text_scores: this rank's prototype scores z_I, z_T [b, K].
@@ -228,12 +252,13 @@ def nclip_loss(image_scores, text_scores, student_temp=0.1, teacher_temp=0.04, r
     scores = {"I": image_scores, "T": text_scores}
     log_p = {m: F.log_softmax(z.float() / student_temp, dim=-1) for m, z in scores.items()}  # [b, K]
     with torch.no_grad():  # pseudo-labels: sharpened softmax, or Sinkhorn-Knopp
-        q = {m: sinkhorn(z) if targets == "sinkhorn" else torch.softmax(z.float() / teacher_temp, dim=-1)
+        q = {m: sinkhorn(z, capped=True) if targets == "sinkhorn" else torch.softmax(z.float() / teacher_temp, dim=-1)
              for m, z in scores.items()}  # [b, K]
     prediction = -((q["T"] * log_p["I"]).sum(-1).mean() + (q["I"] * log_p["T"]).sum(-1).mean()) / 2
     N = b * get_world_size()
     p_bar = {m: all_reduce_with_grad(lp.exp().sum(0)) / N for m, lp in log_p.items()}  # [K], global batch mean
     regulariser = sum(math.log(K) - entropy(p_bar[m]) for m in p_bar) / 2
+    per_sample = sum(entropy(lp.exp()).mean() for lp in log_p.values()) / 2  # mean H(p): the sharpness term
     with torch.no_grad():
         used = 0.0
         for lp in log_p.values():
@@ -241,16 +266,16 @@ def nclip_loss(image_scores, text_scores, student_temp=0.1, teacher_temp=0.04, r
             used = used + (all_reduce_with_grad(wins) > 0).sum().float() / 2
         stats = {"prediction_loss": prediction.detach(), "entropy_regulariser": regulariser.detach(),
                  "entropy_batch_mean": sum(entropy(p) for p in p_bar.values()) / 2,
-                 "entropy_per_sample": sum(entropy(lp.exp()).mean() for lp in log_p.values()) / 2,
+                 "entropy_per_sample": per_sample.detach(),
                  "prototypes_used": used}
-    return prediction + reg_weight * regulariser, stats
+    return prediction + reg_weight * regulariser + sharpness * per_sample, stats
 # --- end shared: nclip ---
 
 
 def compute_loss(out, args):
     """The method's loss from the model outputs -> (loss, {name: value to log})."""
     return nclip_loss(out["image_scores"], out["text_scores"], args.student_temp, args.teacher_temp,
-                      args.reg_weight, args.targets)
+                      args.reg_weight, args.targets, args.sharpness)
 
 
 # =====================================================================================================================

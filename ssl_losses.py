@@ -169,11 +169,13 @@ def vicreg_loss(z1, z2, sim_coeff=25.0, std_coeff=25.0, cov_coeff=1.0):
 
 # --- shared: sinkhorn ---
 @torch.no_grad()
-def sinkhorn(scores, epsilon=0.05, iters=3):
+def sinkhorn(scores, epsilon=0.05, iters=3, capped=False):
     """Sinkhorn-Knopp (Cuturi 2013, arXiv:1306.0895) as in SwAV (Caron et al. 2020, arXiv:2006.09882, eq. 3
     and its distributed_sinkhorn code), over the global batch. scores: this rank's rows [b, K].
         Q = exp(scores / epsilon)^T [K, N],  Q /= sum(Q),
         repeat: rows (prototypes) -> 1/K, columns (samples) -> 1/N
+    capped=True, for K > N: a prototype's total is only capped at 1/N (one sample's worth) instead of set to
+    1/K, which would spread every sample over at least K/N prototypes, flatter than sharp predictions.
     Returns N * Q^T [b, K]: each sample's assignment sums to 1 (exactly; the prototype marginals N/K only
     approximately after few iterations). Sums over samples are all-reduced, so the targets are those of the
     global batch. The global max of scores / epsilon is subtracted before exp (it cancels in Q /= sum(Q)), so
@@ -187,7 +189,11 @@ def sinkhorn(scores, epsilon=0.05, iters=3):
     Q = torch.exp(logits - m).t()  # [K, b], this rank's columns of the [K, N] matrix
     Q /= all_reduce_with_grad(Q.sum())  # the global Q sums to 1
     for _ in range(iters):
-        Q /= all_reduce_with_grad(Q.sum(dim=1, keepdim=True)) * K  # [K, b], every prototype's total: 1/K
+        rows = all_reduce_with_grad(Q.sum(dim=1, keepdim=True))  # [K, 1], every prototype's total
+        if capped and K > N:
+            Q *= torch.clamp(1 / (N * rows), max=1.0)  # [K, b], every prototype's total: at most 1/N
+        else:
+            Q /= rows * K  # [K, b], every prototype's total: 1/K
         Q /= Q.sum(dim=0, keepdim=True) * N  # [K, b], every sample's total: 1/N (columns are local)
     return (Q * N).t()  # [b, K], rows sum to 1
 # --- end shared: sinkhorn ---

@@ -155,6 +155,9 @@ def nclip_args(g):
     g.add_argument("--reg-weight", type=float, default=1.0,
                    help="lambda of the mean-entropy regulariser, which keeps the batch from collapsing onto a few "
                         "prototypes; raise it if prototypes_used in the log keeps falling")
+    g.add_argument("--sharpness", type=float, default=1.0,
+                   help="weight of the mean per-sample entropy H(p): with the mean-entropy term it maximises the "
+                        "information between an input and its prototype, which keeps outputs from going uniform")
     g.add_argument("--targets", default="sinkhorn", choices=["sinkhorn", "softmax"],
                    help="sinkhorn: Sinkhorn-Knopp targets that use every prototype equally over the global batch "
                         "(SwAV; epsilon 0.05, 3 iterations); softmax: targets sharpened with --teacher-temp. On the "
@@ -180,9 +183,12 @@ class PrototypeHead(nn.Module):
                                  nn.Linear(hidden, bottleneck))
         self.prototypes = nn.Parameter(torch.randn(prototypes, bottleneck) * bottleneck**-0.5)  # [K, d]
 
-    def forward(self, x):  # [B, C] -> [B, K], in [-1, 1]
-        z = F.normalize(self.mlp(x), dim=-1)  # [B, d]
-        return z @ F.normalize(self.prototypes, dim=-1).t()  # [B, K]
+    def forward(self, x):  # [B, C] -> [B, K], in [-1, 1], fp32
+        z = F.normalize(self.mlp(x).float(), dim=-1)  # [B, d]
+        # The scores in fp32 even under autocast: a bf16 score has a resolution of ~0.008 near 1, coarse against
+        # temperatures of 0.04-0.1 (an error of 0.1-0.2 in a logit).
+        with torch.autocast(x.device.type, enabled=False):
+            return z @ F.normalize(self.prototypes.float(), dim=-1).t()  # [B, K]
 
     def flops(self):
         return 2 * sum(p.numel() for p in self.parameters() if p.ndim == 2)
@@ -200,11 +206,13 @@ def entropy(p):  # [..., K] -> [...], in nats; 0 log 0 = 0
 
 # --- shared: sinkhorn ---
 @torch.no_grad()
-def sinkhorn(scores, epsilon=0.05, iters=3):
+def sinkhorn(scores, epsilon=0.05, iters=3, capped=False):
     """Sinkhorn-Knopp (Cuturi 2013, arXiv:1306.0895) as in SwAV (Caron et al. 2020, arXiv:2006.09882, eq. 3
     and its distributed_sinkhorn code), over the global batch. scores: this rank's rows [b, K].
         Q = exp(scores / epsilon)^T [K, N],  Q /= sum(Q),
         repeat: rows (prototypes) -> 1/K, columns (samples) -> 1/N
+    capped=True, for K > N: a prototype's total is only capped at 1/N (one sample's worth) instead of set to
+    1/K, which would spread every sample over at least K/N prototypes, flatter than sharp predictions.
     Returns N * Q^T [b, K]: each sample's assignment sums to 1 (exactly; the prototype marginals N/K only
     approximately after few iterations). Sums over samples are all-reduced, so the targets are those of the
     global batch. The global max of scores / epsilon is subtracted before exp (it cancels in Q /= sum(Q)), so
@@ -218,14 +226,18 @@ def sinkhorn(scores, epsilon=0.05, iters=3):
     Q = torch.exp(logits - m).t()  # [K, b], this rank's columns of the [K, N] matrix
     Q /= all_reduce_with_grad(Q.sum())  # the global Q sums to 1
     for _ in range(iters):
-        Q /= all_reduce_with_grad(Q.sum(dim=1, keepdim=True)) * K  # [K, b], every prototype's total: 1/K
+        rows = all_reduce_with_grad(Q.sum(dim=1, keepdim=True))  # [K, 1], every prototype's total
+        if capped and K > N:
+            Q *= torch.clamp(1 / (N * rows), max=1.0)  # [K, b], every prototype's total: at most 1/N
+        else:
+            Q /= rows * K  # [K, b], every prototype's total: 1/K
         Q /= Q.sum(dim=0, keepdim=True) * N  # [K, b], every sample's total: 1/N (columns are local)
     return (Q * N).t()  # [b, K], rows sum to 1
 # --- end shared: sinkhorn ---
 
 
 def nclip_loss(image_scores, text_scores, student_temp=0.1, teacher_temp=0.04, reg_weight=1.0,
-               targets="sinkhorn"):
+               targets="sinkhorn", sharpness=1.0):
     """nCLIP (Zhou et al. 2023), exact under DDP; see the module docstring for the equation.
 
     image_scores, text_scores: this rank's prototype scores z_I, z_T [b, K].
@@ -239,12 +251,13 @@ def nclip_loss(image_scores, text_scores, student_temp=0.1, teacher_temp=0.04, r
     scores = {"I": image_scores, "T": text_scores}
     log_p = {m: F.log_softmax(z.float() / student_temp, dim=-1) for m, z in scores.items()}  # [b, K]
     with torch.no_grad():  # pseudo-labels: sharpened softmax, or Sinkhorn-Knopp
-        q = {m: sinkhorn(z) if targets == "sinkhorn" else torch.softmax(z.float() / teacher_temp, dim=-1)
+        q = {m: sinkhorn(z, capped=True) if targets == "sinkhorn" else torch.softmax(z.float() / teacher_temp, dim=-1)
              for m, z in scores.items()}  # [b, K]
     prediction = -((q["T"] * log_p["I"]).sum(-1).mean() + (q["I"] * log_p["T"]).sum(-1).mean()) / 2
     N = b * get_world_size()
     p_bar = {m: all_reduce_with_grad(lp.exp().sum(0)) / N for m, lp in log_p.items()}  # [K], global batch mean
     regulariser = sum(math.log(K) - entropy(p_bar[m]) for m in p_bar) / 2
+    per_sample = sum(entropy(lp.exp()).mean() for lp in log_p.values()) / 2  # mean H(p): the sharpness term
     with torch.no_grad():
         used = 0.0
         for lp in log_p.values():
@@ -252,9 +265,9 @@ def nclip_loss(image_scores, text_scores, student_temp=0.1, teacher_temp=0.04, r
             used = used + (all_reduce_with_grad(wins) > 0).sum().float() / 2
         stats = {"prediction_loss": prediction.detach(), "entropy_regulariser": regulariser.detach(),
                  "entropy_batch_mean": sum(entropy(p) for p in p_bar.values()) / 2,
-                 "entropy_per_sample": sum(entropy(lp.exp()).mean() for lp in log_p.values()) / 2,
+                 "entropy_per_sample": per_sample.detach(),
                  "prototypes_used": used}
-    return prediction + reg_weight * regulariser, stats
+    return prediction + reg_weight * regulariser + sharpness * per_sample, stats
 # --- end shared: nclip ---
 
 
@@ -317,7 +330,8 @@ def compute_loss(out, args):
     """The method's loss from the model outputs -> (loss, {name: value to log})."""
     loss, logs = xclip_loss(out["image"], out["text"], out["logit_scale"], out["image_scores"], out["text_scores"],
                             args.clip_weight, args.nclip_weight, student_temp=args.student_temp,
-                            teacher_temp=args.teacher_temp, reg_weight=args.reg_weight, targets=args.targets)
+                            teacher_temp=args.teacher_temp, reg_weight=args.reg_weight, targets=args.targets,
+                            sharpness=args.sharpness)
     return loss, {"logit_scale": out["logit_scale"].detach(), **logs}
 
 

@@ -32,7 +32,7 @@ def naive_sinkhorn(scores, epsilon=0.05, iters=3):
     return torch.tensor([[Q[k][n] * N for k in range(K)] for n in range(N)], dtype=torch.float64)
 
 
-def naive_nclip_loss(z_image, z_text, student_temp, teacher_temp, reg_weight, targets):
+def naive_nclip_loss(z_image, z_text, student_temp, teacher_temp, reg_weight, targets, sharpness=0.0):
     b, K = z_image.shape
     p = {m: torch.stack([torch.stack([torch.exp(z[n, k] / student_temp) for k in range(K)]) for n in range(b)])
          for m, z in (("I", z_image), ("T", z_text))}
@@ -50,7 +50,8 @@ def naive_nclip_loss(z_image, z_text, student_temp, teacher_temp, reg_weight, ta
     for m in ("I", "T"):
         p_bar = [sum(p[m][n, k] for n in range(b)) / b for k in range(K)]
         regulariser = regulariser + (math.log(K) + sum(v * torch.log(v) for v in p_bar)) / 2
-    return prediction + reg_weight * regulariser
+    per_sample = sum(-p[m][n, k] * torch.log(p[m][n, k]) for m in ("I", "T") for n in range(b) for k in range(K))
+    return prediction + reg_weight * regulariser + sharpness * per_sample / (2 * b)
 
 
 @pytest.mark.parametrize("targets", ["softmax", "sinkhorn"])
@@ -59,8 +60,8 @@ def test_nclip_loss_matches_the_naive_reference(targets):
     z_image = torch.rand(6, 5, generator=g, dtype=torch.float64) * 2 - 1
     z_text = torch.rand(6, 5, generator=g, dtype=torch.float64) * 2 - 1
     z_image.requires_grad_(), z_text.requires_grad_()
-    expected = naive_nclip_loss(z_image, z_text, 0.1, 0.04, 0.7, targets)
-    loss, stats = nclip.nclip_loss(z_image, z_text, 0.1, 0.04, 0.7, targets)
+    expected = naive_nclip_loss(z_image, z_text, 0.1, 0.04, 0.7, targets, sharpness=0.6)
+    loss, stats = nclip.nclip_loss(z_image, z_text, 0.1, 0.04, 0.7, targets, sharpness=0.6)
     assert torch.allclose(loss.double(), expected, atol=1e-5)
     g_expected = torch.autograd.grad(expected, (z_image, z_text))
     g_got = torch.autograd.grad(loss, (z_image, z_text))
@@ -101,6 +102,57 @@ def test_targets_are_sharper_than_the_predictions_they_supervise():
     p = torch.softmax(scores / 0.1, 1)
     for q in (torch.softmax(scores / 0.04, 1), nclip.sinkhorn(scores)):
         assert nclip.entropy(q).mean() < nclip.entropy(p).mean() - 0.1
+
+
+@pytest.mark.parametrize("K", [1024, 4096])
+def test_targets_are_never_flatter_than_sharp_predictions_when_prototypes_outnumber_samples(K):
+    """K > N (the ViT presets: K 32768 against a few thousand samples): Sinkhorn's equal share 1/K per
+    prototype would spread every sample over >= K/N prototypes, flatter than a confident prediction, and drive
+    the predictions back to uniform. nCLIP caps each prototype at 1/N instead: confident targets stay so."""
+    N, g = 256, torch.Generator().manual_seed(3)
+    scores = torch.full((N, K), -0.2) + 0.01 * torch.randn(N, K, generator=g)  # [N, K]
+    scores[torch.arange(N), torch.randperm(K, generator=g)[:N]] = 0.9  # each sample prefers its own prototype
+    p = torch.softmax(scores / 0.1, 1)  # [N, K], the predictions at tau_s
+    q = nclip.sinkhorn(scores, capped=True)  # [N, K]
+    assert torch.allclose(q.sum(1), torch.ones(N), atol=1e-5)
+    assert nclip.entropy(q).mean() <= nclip.entropy(p).mean()
+    assert nclip.entropy(nclip.sinkhorn(scores)).mean() > math.log(K / N)  # uncapped: at least K/N prototypes
+    _, stats = nclip.nclip_loss(scores, scores)  # the loss takes the capped targets: a small prediction loss
+    assert stats["prediction_loss"] < 2.0 < math.log(K / N) + 0.7
+
+
+def toy_training(steps=80, K=512, **loss_options):
+    """The nCLIP heads trained on paired toy features (64 classes, a class embedding per modality plus noise of
+    the same size): the end-of-run diagnostics. In-process, one thread: a few seconds."""
+    g = torch.Generator().manual_seed(0)
+    classes, dim = 64, 32
+    embed_image, embed_text = torch.randn(classes, dim, generator=g), torch.randn(classes, dim, generator=g)
+    torch.manual_seed(0)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # small matmuls: faster on one thread than on two contended ones
+    heads = nclip.PrototypeHead(dim, 64, 16, K), nclip.PrototypeHead(dim, 64, 16, K)
+    optimizer = torch.optim.AdamW([p for h in heads for p in h.parameters()], lr=3e-3)
+    for _ in range(steps):
+        y = torch.randint(0, classes, (256,), generator=g)  # [256] labels of a batch
+        x_image = embed_image[y] + torch.randn(256, dim, generator=g)  # [256, dim]
+        x_text = embed_text[y] + torch.randn(256, dim, generator=g)  # [256, dim]
+        loss, stats = nclip.nclip_loss(heads[0](x_image), heads[1](x_text), **loss_options)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    torch.set_num_threads(threads)
+    return {k: float(v) for k, v in stats.items()}
+
+
+def test_a_short_training_run_does_not_collapse():
+    """The collapse of the default loss before this fix, reproduced on toy features: without the per-sample
+    entropy term every output goes uniform (H(p) = log K, the prediction loss log K: a fixed point the
+    mean-entropy term does not penalise). With it, outputs are confident and spread over many prototypes."""
+    K = 512
+    trained = toy_training(K=K)
+    assert trained["entropy_per_sample"] < math.log(K) - 2 and trained["prototypes_used"] >= 64
+    collapsed = toy_training(K=K, sharpness=0.0)
+    assert collapsed["entropy_per_sample"] > math.log(K) - 0.3
 
 
 def test_prototype_scores_are_fp32_under_bf16_autocast():
