@@ -1195,12 +1195,11 @@ def train(args, device, rank, world_size, stop):
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step)
 
-        loss, logs, finite = train_step(model, raw_model, optimizer, scaler, images, tokens, args, autocast, precision)
-        # finite: the step was applied (finite loss and gradients). Counted on the device: no host sync here.
-        bad_in_a_row = (bad_in_a_row + 1) * ~finite
-        bad_total += ~finite
+        loss, logs, applied = train_step(model, raw_model, optimizer, scaler, images, tokens, args, autocast, precision)
+        bad_in_a_row = (bad_in_a_row + 1) * ~applied
+        bad_total += ~applied
         for k, v in {"loss": loss.detach(), **logs}.items():
-            sums[k] = sums.get(k, 0.0) + torch.where(finite, v.float(), 0.0)
+            sums[k] = sums.get(k, 0.0) + torch.where(applied, v.float(), 0.0)
         n_sum += 1
 
         done = step + 1
