@@ -1,21 +1,25 @@
 """Image and text augmentations, reproducible from a seed.
 
-Every transform is called as `view(x, rng)` where `rng` is a `random.Random` that the data loader seeds
-from (seed, epoch, sample index, view index). No transform touches a global random state, so a sample's
-views are the same in any DataLoader worker, on any rank, and after a resume.
+Every view is called as `view(x, rng)` where `rng` is a `random.Random` that the data loader seeds from
+(seed, epoch, sample index, view index). No view touches a global random state, so a sample's views are the
+same in any DataLoader worker, on any rank, and after a resume.
 
-Images stay PIL until the end of a view and leave it as uint8 tensors [3, H, W]: the crop, resize and
-colour ops run in Pillow's C code inside the loader workers, and a uint8 batch is a quarter of the bytes
-of a float one on its way to the GPU. `normalize` turns them into the floats the towers take, on the
-device, inside the training step.
+An image view is split in two. In the loader (CPU, per sample): the geometry (random resized crop, resized to
+the final size in Pillow's C code, horizontal flip) and the draw of every random number of the view. The view
+returns the uint8 image [3, H, W] (a quarter of the bytes of a float one on its way to the GPU) and its
+photometric parameters, a float32 row [P] (columns below; IDENTITY for a view that needs none). On the training
+device, batched: `on_device(images, params)` applies colour jitter, grayscale and Gaussian blur with each
+view's own parameters, in fp32, and normalises. Per-pixel work on the CPU was the cost of the strong views
+(PIL's HSV round trip for the hue, the blur): one loader process made 4x fewer improved-recipe samples than
+CLIP-view samples; now it crops and draws numbers for all views alike.
 
 Image views:
   CLIPView     random resized crop + resize: the CLIP training view (Radford et al. 2021 use a random
                square crop; OpenCLIP uses scale (0.9, 1); the weak view of Fini et al. 2023 uses (0.5, 1)).
   StrongView   SimCLR-style view (Chen et al. 2020) as in Fini et al. 2023 / SLIP: crop scale (0.08, 1),
-               colour jitter (0.4, 0.4, 0.4, 0.1) p 0.8, grayscale p 0.2, Gaussian blur sigma 0.1-2 p 0.5,
-               horizontal flip p 0.5.
-  EvalView     resize the shorter side, centre crop: the evaluation view.
+               colour jitter (0.4, 0.4, 0.4, 0.1) p 0.8 (the four ops in random order), grayscale p 0.2,
+               Gaussian blur sigma 0.1-2 p 0.5, horizontal flip p 0.5.
+  EvalView     resize the shorter side, centre crop: the evaluation view (a uint8 image only).
 Text views:
   TextView     stop-word removal (p 0.8 in Fini et al.) and optionally one EDA op (Wei & Zou 2019):
                random swap or random deletion.
@@ -25,27 +29,41 @@ import math
 
 import numpy as np
 import torch
-from PIL import Image, ImageEnhance, ImageFilter
+import torch.nn.functional as F
+from PIL import Image
 
 # OpenAI CLIP's normalisation constants (Radford et al. 2021, released preprocessing).
 MEAN = (0.48145466, 0.4578275, 0.40821073)
 STD = (0.26862954, 0.26130258, 0.27577711)
 
+# The photometric parameters of one view, one float32 row: the jitter factors of brightness, contrast and
+# saturation and the hue shift (in turns), ORDER[k] = which of those four ops (0-3) runs k-th, grayscale (0/1),
+# blur sigma in pixels (0: no blur). IDENTITY changes nothing: the CLIP view, or a strong view without jitter.
+BRIGHTNESS, CONTRAST, SATURATION, HUE, ORDER, GRAY, SIGMA = 0, 1, 2, 3, 4, 8, 9
+IDENTITY = (1.0, 1.0, 1.0, 0.0, 0.0, 1.0, 2.0, 3.0, 0.0, 0.0)
+LUMA = (0.299, 0.587, 0.114)  # ITU-R 601-2 luma, as Pillow's convert("L")
+RATIO = (3 / 4, 4 / 3)  # aspect ratios of the random resized crops
 
-def to_tensor(img):
-    """PIL image -> uint8 tensor [3, H, W]."""
+
+def to_tensor(img, flip=False):
+    """PIL image -> uint8 tensor [3, H, W], mirrored left-right if `flip` (in the copy that is made anyway)."""
     array = np.asarray(img if img.mode == "RGB" else img.convert("RGB"))  # [H, W, 3] uint8
-    return torch.from_numpy(array.transpose(2, 0, 1).copy())  # [3, H, W]
+    return torch.from_numpy((array[:, ::-1] if flip else array).transpose(2, 0, 1).copy())  # [3, H, W]
 
 
 def normalize(images):
     """uint8 images [..., 3, H, W] -> float32, scaled to [0, 1] and standardised per channel."""
-    mean = torch.tensor(MEAN, device=images.device).view(3, 1, 1)  # [3, 1, 1]
-    std = torch.tensor(STD, device=images.device).view(3, 1, 1)  # [3, 1, 1]
-    return (images.float() / 255.0 - mean) / std  # [..., 3, H, W]
+    return standardize(images.float() / 255.0)
 
 
-def resized_crop_box(width, height, rng, scale, ratio=(3 / 4, 4 / 3)):
+def standardize(x):
+    """float images [..., 3, H, W] in [0, 1] -> standardised per channel with CLIP's MEAN and STD."""
+    mean = torch.tensor(MEAN, device=x.device).view(3, 1, 1)  # [3, 1, 1]
+    std = torch.tensor(STD, device=x.device).view(3, 1, 1)  # [3, 1, 1]
+    return (x - mean) / std  # [..., 3, H, W]
+
+
+def resized_crop_box(width, height, rng, scale, ratio=RATIO):
     """The crop box of a random resized crop (same sampling rule as torchvision's RandomResizedCrop):
     area fraction uniform in `scale`, log aspect ratio uniform in log(`ratio`), 10 tries, else a centre
     crop at the nearest allowed aspect ratio. Returns (left, top, right, bottom)."""
@@ -71,6 +89,14 @@ def resized_crop_box(width, height, rng, scale, ratio=(3 / 4, 4 / 3)):
     return left, top, left + w, top + h
 
 
+def draft_side(views):
+    """The smallest sqrt(W * H) a decoded image may have so that every crop of every view still has at least the
+    view's output size per side: then the crop is only ever shrunk, as from the full-size image. A crop covers an
+    area fraction >= scale[0] at an aspect ratio in RATIO, so both its sides are >= sqrt(RATIO[0] scale[0] W H).
+    The loader decodes large JPEGs at 1/2, 1/4 or 1/8 size (Image.draft) down to this side, no further."""
+    return max(view.size / math.sqrt(RATIO[0] * view.scale[0]) for view in views)
+
+
 class CLIPView:
     """Random resized crop to `size` x `size` (bicubic), nothing else."""
 
@@ -78,8 +104,10 @@ class CLIPView:
         self.size, self.scale = size, tuple(scale)
 
     def __call__(self, img, rng):
+        """-> (uint8 image [3, size, size], IDENTITY params [P])"""
         box = resized_crop_box(img.width, img.height, rng, self.scale)
-        return to_tensor(img.resize((self.size, self.size), Image.BICUBIC, box=box))
+        image = to_tensor(img.resize((self.size, self.size), Image.BICUBIC, box=box))
+        return image, torch.tensor(IDENTITY, dtype=torch.float32)
 
 
 class EvalView:
@@ -97,45 +125,114 @@ class EvalView:
         return to_tensor(img.crop((left, top, left + self.size, top + self.size)))
 
 
-def color_jitter(img, rng, brightness=0.4, contrast=0.4, saturation=0.4, hue=0.1):
-    """torchvision's ColorJitter on a PIL image: the four ops in random order, each factor uniform
-    in [1 - x, 1 + x] (hue: shift uniform in [-hue, hue] of a full turn)."""
-    ops = ["brightness", "contrast", "saturation", "hue"]
-    rng.shuffle(ops)
-    for op in ops:
-        if op == "brightness":
-            img = ImageEnhance.Brightness(img).enhance(rng.uniform(1 - brightness, 1 + brightness))
-        elif op == "contrast":
-            img = ImageEnhance.Contrast(img).enhance(rng.uniform(1 - contrast, 1 + contrast))
-        elif op == "saturation":
-            img = ImageEnhance.Color(img).enhance(rng.uniform(1 - saturation, 1 + saturation))
-        else:
-            h, s, v = img.convert("HSV").split()
-            shift = int(round(rng.uniform(-hue, hue) * 255))
-            h = Image.fromarray((np.asarray(h).astype(np.int16) + shift).astype(np.uint8), "L")  # wraps
-            img = Image.merge("HSV", (h, s, v)).convert("RGB")
-    return img
-
-
 class StrongView:
-    """The SimCLR-style strong view of Fini et al. 2023 (and SLIP's SimCLR views)."""
+    """The SimCLR-style strong view of Fini et al. 2023 (and SLIP's SimCLR views). Crop and flip here; colour
+    jitter (torchvision's ColorJitter(0.4, 0.4, 0.4, 0.1): factors uniform in [1 - x, 1 + x], hue shift in
+    [-0.1, 0.1] turns, the four ops in random order), grayscale and blur drawn here, applied by on_device."""
 
-    def __init__(self, size, scale=(0.08, 1.0), jitter_p=0.8, gray_p=0.2, blur_p=0.5, flip_p=0.5):
-        self.size, self.scale = size, tuple(scale)
+    def __init__(self, size, scale=(0.08, 1.0), jitter_p=0.8, gray_p=0.2, blur_p=0.5, flip_p=0.5,
+                 jitter=(0.4, 0.4, 0.4, 0.1), sigma=(0.1, 2.0)):
+        self.size, self.scale, self.jitter, self.sigma = size, tuple(scale), tuple(jitter), tuple(sigma)
         self.jitter_p, self.gray_p, self.blur_p, self.flip_p = jitter_p, gray_p, blur_p, flip_p
 
     def __call__(self, img, rng):
+        """-> (uint8 image [3, size, size], params [P])"""
         box = resized_crop_box(img.width, img.height, rng, self.scale)
         img = img.convert("RGB").resize((self.size, self.size), Image.BICUBIC, box=box)
+        params = list(IDENTITY)
         if rng.random() < self.jitter_p:
-            img = color_jitter(img, rng)
-        if rng.random() < self.gray_p:
-            img = img.convert("L").convert("RGB")
+            order = [BRIGHTNESS, CONTRAST, SATURATION, HUE]
+            rng.shuffle(order)
+            params[ORDER : ORDER + 4] = order
+            *factors, hue = self.jitter
+            params[BRIGHTNESS : HUE] = [rng.uniform(1 - x, 1 + x) for x in factors]
+            params[HUE] = rng.uniform(-hue, hue)
+        params[GRAY] = float(rng.random() < self.gray_p)
         if rng.random() < self.blur_p:
-            img = img.filter(ImageFilter.GaussianBlur(radius=rng.uniform(0.1, 2.0)))
-        if rng.random() < self.flip_p:
-            img = img.transpose(Image.FLIP_LEFT_RIGHT)
-        return to_tensor(img)
+            params[SIGMA] = rng.uniform(*self.sigma)
+        # The flip is geometry, done here where it is free (to_tensor copies anyway); it commutes with every op
+        # of on_device (per-pixel ops, an image mean, a symmetric kernel with mirrored padding).
+        return to_tensor(img, flip=rng.random() < self.flip_p), torch.tensor(params, dtype=torch.float32)
+
+
+# ---------------------------------------------------------------------------------------------------
+# The photometric ops, on the training device: x float [n, 3, H, W] in [0, 1], f one factor per image [n].
+
+def luma(x):
+    return sum(w * x[:, c : c + 1] for c, w in enumerate(LUMA))  # Y = .299 R + .587 G + .114 B   [n, 1, H, W]
+
+
+def blend(x, y, f):
+    return (f.view(-1, 1, 1, 1) * x + (1 - f.view(-1, 1, 1, 1)) * y).clamp(0, 1)  # clip(f x + (1 - f) y)
+
+
+def brightness(x, f):
+    return blend(x, torch.zeros_like(x), f)  # x' = clip(f x)
+
+
+def contrast(x, f):
+    return blend(x, luma(x).mean((1, 2, 3), keepdim=True), f)  # x' = clip(f x + (1 - f) mean(Y))
+
+
+def saturation(x, f):
+    return blend(x, luma(x), f)  # x' = clip(f x + (1 - f) Y)
+
+
+def hue(x, shift):
+    """(h, s, v) -> ((h + shift) mod 1, s, v), through HSV: value v = max(R, G, B), chroma c = v - min(R, G, B)
+    (both unchanged by the shift); back with channel = v - c clip(min(k, 4 - k), 0, 1), k = (n + 6 h) mod 6,
+    n = 5, 3, 1 for R, G, B."""
+    r, g, b = x.unbind(1)  # [n, H, W] each
+    v = x.amax(1)  # [n, H, W]
+    c = v - x.amin(1)  # [n, H, W]
+    safe = torch.where(c > 0, c, 1)  # where c = 0 the hue is arbitrary (gray): any h gives back v
+    h = torch.where(v == r, (g - b) / safe, torch.where(v == g, 2 + (b - r) / safe, 4 + (r - g) / safe))  # 60°
+    h = (h / 6 + shift.view(-1, 1, 1)) % 1  # [n, H, W] the shifted hue, in turns
+    k = (torch.tensor([5.0, 3.0, 1.0], device=x.device).view(1, 3, 1, 1) + 6 * h[:, None]) % 6  # [n, 3, H, W]
+    return v[:, None] - c[:, None] * torch.minimum(k, 4 - k).clamp(0, 1)  # [n, 3, H, W]
+
+
+def gaussian_blur(x, sigma, radius):
+    """Separable Gaussian blur, sigma per image, kernel taps -radius..radius, mirrored padding (as torchvision's
+    gaussian_blur). Each image's channels are groups of one depthwise conv, with that image's kernel."""
+    n, C, H, W = x.shape
+    t = torch.arange(-radius, radius + 1, device=x.device, dtype=x.dtype)  # [K]
+    kernel = torch.exp(-0.5 * (t / sigma.view(-1, 1)) ** 2)  # [n, K]  g(t) = exp(-t^2 / 2 sigma^2)
+    kernel = (kernel / kernel.sum(1, keepdim=True)).repeat_interleave(C, 0)  # [n C, K], sums to 1
+    y = F.pad(x.reshape(1, n * C, H, W), (radius,) * 4, mode="reflect")  # [1, n C, H + 2r, W + 2r]
+    y = F.conv2d(y, kernel.view(n * C, 1, 1, -1), groups=n * C)  # [1, n C, H + 2r, W] along rows
+    y = F.conv2d(y, kernel.view(n * C, 1, -1, 1), groups=n * C)  # [1, n C, H, W] along columns
+    return y.view(n, C, H, W)
+
+
+def on_device(images, params):
+    """uint8 images [..., 3, H, W] on the training device, their views' params [..., P] as the loader made them
+    (on the CPU) -> float32 images [..., 3, H, W]: colour jitter (each image's four ops in its own order),
+    grayscale, Gaussian blur, then normalised. Each op runs, batched, on the images that need it: their indices
+    come from the CPU params, so nothing waits for the device. In fp32 whatever autocast is on."""
+    shape, device = images.shape, images.device
+    p = params.reshape(-1, len(IDENTITY)).float().cpu()  # [N, P]
+    q = p.to(device, non_blocking=True)  # [N, P]
+
+    def rows(mask):  # [N] bool on the CPU -> the indices of the images to change, on the device (None: none)
+        index = mask.nonzero().flatten()
+        return index.to(device, non_blocking=True) if len(index) else None
+
+    with torch.autocast(device.type, enabled=False):
+        x = images.reshape(-1, *shape[-3:]).float() / 255  # [N, 3, H, W] in [0, 1]
+        for k in range(4):  # the k-th op of each image's colour jitter
+            for op, fn in enumerate((brightness, contrast, saturation, hue)):
+                i = rows((p[:, ORDER + k] == op) & (p[:, op] != IDENTITY[op]))
+                if i is not None:
+                    x[i] = fn(x[i], q[i, op])
+        i = rows(p[:, GRAY] > 0)
+        if i is not None:
+            x[i] = luma(x[i]).expand(-1, 3, -1, -1)  # R = G = B = Y
+        i = rows(p[:, SIGMA] > 0)
+        if i is not None:  # kernel radius 3 sigma (99.7% of the weight), at most the image size allows
+            radius = min(math.ceil(3 * float(p[:, SIGMA].max())), shape[-1] - 1, shape[-2] - 1)
+            x[i] = gaussian_blur(x[i], q[i, SIGMA], radius)
+        return standardize(x).view(shape)  # [..., 3, H, W]
 
 
 # ---------------------------------------------------------------------------------------------------

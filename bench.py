@@ -301,8 +301,9 @@ def main(args):
                 synchronize(device)
                 start, waited = time.perf_counter(), 0.0
             t = time.perf_counter()
-            images, tokens = next(loader)
+            images, tokens, params = next(loader)
             images, tokens = images.to(device, non_blocking=True), tokens.to(device, non_blocking=True)
+            images = augment.on_device(images, params)  # as the training loop does
             waited += time.perf_counter() - t
             module.train_step(raw_model, raw_model, optimizer, scaler, images, tokens, train_args, autocast, precision)
         synchronize(device)

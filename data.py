@@ -6,11 +6,12 @@ Sources (`--data` in the method files):
   pairs.csv / pairs.tsv  one row per pair: image path (relative to the file) and caption
   /data/{00000..00331}.tar  img2dataset / webdataset shards: KEY.jpg|png|webp + KEY.txt (+ KEY.json)
 
-Every training batch is (images uint8 [B, V, 3, H, W], tokens int64 [B, T, L]): V image views and T text
-views per sample, as many as the method asks for; L is the length of the batch's longest caption + 1 (EOT),
-at most the context length (trim_tokens). Randomness comes from (seed, epoch, sample), never from
-a worker's global state, so the batches of a step are the same whatever the number of workers, and a
-resumed run sees exactly the batches it would have seen.
+Every training batch is (images uint8 [B, V, 3, H, W], tokens int64 [B, T, L], params float32 [B, V, P]): V
+image views and T text views per sample, as many as the method asks for; L is the length of the batch's longest
+caption + 1 (EOT), at most the context length (trim_tokens); params are each image view's photometric
+parameters, which augment.on_device applies on the training device. Randomness comes from (seed, epoch,
+sample), never from a worker's global state, so the batches of a step are the same whatever the number of
+workers, and a resumed run sees exactly the batches it would have seen.
 
 Unreadable samples (corrupt or truncated image, missing file, empty or undecodable caption, truncated or
 missing shard) are skipped and counted; a source where most samples fail stops with a clear error.
@@ -28,6 +29,8 @@ import tarfile
 
 import torch
 from PIL import Image, ImageDraw
+
+import augment
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -202,9 +205,17 @@ class SyntheticPairs:
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 
 
-def load_image(file):
-    """Path or file object -> RGB PIL image, fully decoded now (a truncated file raises here)."""
+def load_image(file, draft_side=0):
+    """Path or file object -> RGB PIL image, fully decoded now (a truncated file raises here). A JPEG is decoded
+    at 1/2, 1/4 or 1/8 of its size (in the DCT, much faster) while sqrt(W * H) stays >= `draft_side`
+    (augment.draft_side: every crop of the views then still has the output size or more, so the views only
+    shrink it, as they would the full-size image)."""
     with Image.open(file) as img:
+        a = 8
+        while a > 1 and math.sqrt(img.width * img.height) / a < draft_side:
+            a //= 2
+        if a > 1:  # Pillow picks the largest of 8, 4, 2 not above min(W // w, H // h) = a here: size ceil(W / a)
+            img.draft("RGB", (img.width // a, img.height // a))
         img.load()
         return img.convert("RGB")
 
@@ -222,7 +233,7 @@ class CsvPairs:
     """A CSV/TSV file with one row per (image, caption) pair. Image paths are relative to the file's
     folder (or absolute). Loading a row may raise; the dataset wrapper skips and counts such rows."""
 
-    def __init__(self, path, img_key="filepath", caption_key="caption", separator=None):
+    def __init__(self, path, img_key="filepath", caption_key="caption", separator=None, draft_side=0):
         if not os.path.isfile(path):
             raise FileNotFoundError(f"--data {path}: no such file")
         if separator is None:
@@ -242,6 +253,7 @@ class CsvPairs:
         root = os.path.dirname(os.path.abspath(path))
         self.paths = [os.path.join(root, p) for p, _ in rows]
         self.captions = [c for _, c in rows]
+        self.draft_side = draft_side  # see load_image
 
     def __len__(self):
         return len(self.paths)
@@ -249,7 +261,7 @@ class CsvPairs:
     def __getitem__(self, index):
         """-> (PIL image, caption, -1)"""
         caption = check_caption(self.captions[index])
-        return load_image(self.paths[index]), caption, -1
+        return load_image(self.paths[index], self.draft_side), caption, -1
 
 
 def expand_braces(pattern):
@@ -302,15 +314,16 @@ def tar_samples(path):
         yield key, files
 
 
-def decode_tar_sample(files):
-    """{extension: bytes} -> (PIL image, caption); raises on a missing, corrupt or empty part."""
+def decode_tar_sample(files, draft_side=0):
+    """{extension: bytes} -> (PIL image, caption); raises on a missing, corrupt or empty part. `draft_side`: see
+    load_image."""
     image_ext = next((e for e in IMAGE_EXTENSIONS if e in files), None)
     if image_ext is None:
         raise ValueError(f"no image ({'/'.join(IMAGE_EXTENSIONS)}) in sample with parts {sorted(files)}")
     if "txt" not in files:
         raise ValueError("no caption (.txt) in sample")
     caption = check_caption(files["txt"].decode("utf-8", errors="replace"))
-    return load_image(io.BytesIO(files[image_ext])), caption
+    return load_image(io.BytesIO(files[image_ext]), draft_side), caption
 
 
 def count_tar_samples(urls):
@@ -351,10 +364,11 @@ def report_skip(what, error):
 
 
 def make_views(image, caption, image_views, text_views, context_length, seed_key):
-    """One sample -> (images uint8 [V, 3, H, W], tokens [T, L]); view k draws from Random(seed_key/k)."""
-    images = torch.stack([view(image, random.Random(f"{seed_key}/image{k}")) for k, view in enumerate(image_views)])
+    """One sample -> (images uint8 [V, 3, H, W], tokens [T, L], params float32 [V, P]); view k draws all its random
+    numbers from Random(seed_key/k), the photometric params (augment.on_device applies them) included."""
+    images, params = zip(*[view(image, random.Random(f"{seed_key}/image{k}")) for k, view in enumerate(image_views)])
     texts = [view(caption, random.Random(f"{seed_key}/text{k}")) for k, view in enumerate(text_views)]
-    return images, tokenize(texts, context_length)
+    return torch.stack(images), tokenize(texts, context_length), torch.stack(params)
 
 
 class PairDataset(torch.utils.data.Dataset):
@@ -384,9 +398,9 @@ class PairDataset(torch.utils.data.Dataset):
                 f"{self.max_bad_in_a_row} unreadable samples in a row from index {index}: the data source looks "
                 f"broken (last error: {type(error).__name__}: {error})"
             )
-        images, tokens = make_views(image, caption, self.image_views, self.text_views, self.context_length,
-                                    f"{self.seed}/{epoch}/{index}")
-        return images, tokens, skipped, -1, epoch, -1
+        images, tokens, params = make_views(image, caption, self.image_views, self.text_views, self.context_length,
+                                            f"{self.seed}/{epoch}/{index}")
+        return images, tokens, params, skipped, -1, epoch, -1
 
 
 class EpochBatches(torch.utils.data.Sampler):
@@ -439,6 +453,7 @@ class TarShards(torch.utils.data.IterableDataset):
         self.context_length, self.seed, self.rank, self.world_size = context_length, seed, rank, world_size
         self.workers, self.shuffle_buffer, self.epochs = max(1, workers), shuffle_buffer, epochs
         self.start_step, self.state = start_step, state or {}
+        self.draft_side = augment.draft_side(image_views) if image_views else 0  # see load_image
         if len(self.urls) < world_size * self.workers:
             raise ValueError(
                 f"{len(self.urls)} shards cannot feed {world_size} ranks x {self.workers} workers without overlap; "
@@ -481,15 +496,15 @@ class TarShards(torch.utils.data.IterableDataset):
                 try:
                     if key is None:
                         raise OSError("unreadable shard")
-                    image, caption = decode_tar_sample(files)
+                    image, caption = decode_tar_sample(files, self.draft_side)
                 except Exception as e:
                     if key is not None:
                         report_skip(f"sample {key}", e)
                     bad += 1
                     continue
-                images, tokens = make_views(image, caption, self.image_views, self.text_views,
-                                            self.context_length, f"{self.seed}/{epoch}/{key}")
-                yield images, tokens, bad, stream, epoch, position
+                images, tokens, params = make_views(image, caption, self.image_views, self.text_views,
+                                                    self.context_length, f"{self.seed}/{epoch}/{key}")
+                yield images, tokens, params, bad, stream, epoch, position
                 good, bad = good + 1, 0
             if good == 0 and skip == 0:
                 raise RuntimeError(f"tar stream {stream} of rank {self.rank} read no usable sample in epoch {epoch} "
@@ -502,8 +517,8 @@ class TarShards(torch.utils.data.IterableDataset):
 
 
 class Loader:
-    """Endless iterator of (images [B, V, 3, H, W] uint8, tokens [B, T, L]) batches. `skipped` counts the
-    unreadable samples passed over so far on this rank; `state_dict()` is the data position to put in
+    """Endless iterator of (images [B, V, 3, H, W] uint8, tokens [B, T, L], params [B, V, P]) batches. `skipped`
+    counts the unreadable samples passed over so far on this rank; `state_dict()` is the data position to put in
     a checkpoint (the step, and for tar streams each stream's epoch and position)."""
 
     def __init__(self, dataloader, steps_per_epoch, start_step, stream_state=None):
@@ -511,12 +526,12 @@ class Loader:
         self.step, self.skipped, self.streams = start_step, 0, dict(stream_state or {})
 
     def __iter__(self):
-        for images, tokens, skipped, stream, epoch, position in self.dataloader:
+        for images, tokens, params, skipped, stream, epoch, position in self.dataloader:
             self.skipped += int(skipped.sum())
             if stream[-1] >= 0:
                 self.streams[int(stream[-1])] = (int(epoch[-1]), int(position[-1]))
             self.step += 1
-            yield images, tokens
+            yield images, tokens, params
 
     def state_dict(self):
         return {"step": self.step, "streams": {str(k): list(v) for k, v in self.streams.items()},
@@ -613,7 +628,7 @@ def build_loader(spec, batch_size, image_views, text_views, *, rank=0, world_siz
     if kind == "synthetic":
         source = SyntheticPairs("train", image_size, seed=seed)
     else:
-        source = CsvPairs(spec, csv_img_key, csv_caption_key, csv_separator)
+        source = CsvPairs(spec, csv_img_key, csv_caption_key, csv_separator, augment.draft_side(image_views))
         preflight(source, what=f"--data {spec}")
     dataset = PairDataset(source, image_views, text_views, context_length, seed)
     sampler = EpochBatches(len(dataset), batch_size, rank, world_size, seed, start_step)

@@ -971,8 +971,9 @@ def train(args, device, rank, world_size, stop):
     eval_time = 0.0  # seconds of the last evaluation, for the time left
     for step in range(start_step, total_steps):
         t_data = time.time()
-        images, tokens = next(batches)
+        images, tokens, params = next(batches)  # params: each view's colour jitter, grayscale, blur (on the CPU)
         images, tokens = images.to(device, non_blocking=True), tokens.to(device, non_blocking=True)
+        images = augment.on_device(images, params)  # fp32 [B, V, 3, H, W], augmented and normalised
         data_time += time.time() - t_data
         flops += raw_model.flops_per_sample(text_length=tokens.shape[-1]) * len(tokens)  # at the captions' cut length
         for group in optimizer.param_groups:

@@ -83,9 +83,10 @@ def test_synthetic_any_size(size):
 def test_views_are_deterministic_under_a_seed_and_have_the_right_shape():
     image = data.SyntheticPairs("train", 64)[0][0]
     for view in (augment.CLIPView(48), augment.StrongView(48), augment.CLIPView(48, scale=(0.5, 1.0))):
-        x, y = view(image, random.Random(7)), view(image, random.Random(7))
+        (x, p), (y, q) = view(image, random.Random(7)), view(image, random.Random(7))
         assert x.shape == (3, 48, 48) and x.dtype == torch.uint8 and torch.equal(x, y)
-        assert any(not torch.equal(x, view(image, random.Random(s))) for s in range(8, 12))
+        assert p.shape == (len(augment.IDENTITY),) and p.dtype == torch.float32 and torch.equal(p, q)
+        assert any(not torch.equal(x, view(image, random.Random(s))[0]) for s in range(8, 12))
     x = augment.EvalView(40)(Image.new("RGB", (80, 50)))
     assert x.shape == (3, 40, 40)
     norm = augment.normalize(torch.full((2, 3, 4, 4), 255, dtype=torch.uint8))
@@ -133,7 +134,7 @@ def test_csv_skips_and_counts_bad_rows(csv_dir):
     dataset = data.PairDataset(source, [augment.CLIPView(16)], [augment.TextView()], context_length=8)
     seen, skipped = [], 0
     for i in range(len(source)):
-        images, tokens, n_bad, *_ = dataset[(0, i)]
+        images, tokens, params, n_bad, *_ = dataset[(0, i)]
         assert images.shape == (1, 3, 16, 16) and tokens.shape == (1, 8)
         seen.append(data.decode(tokens[0]))
         skipped += n_bad
@@ -217,7 +218,7 @@ def read_epoch(urls, rank, world_size, workers, epoch_count=1, seed=0):
                              rank=rank, world_size=world_size, workers=workers, shuffle_buffer=4, epochs=epoch_count)
     loader = torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=workers)
     out = []
-    for images, tokens, bad, stream, epoch, position in loader:
+    for images, tokens, params, bad, stream, epoch, position in loader:
         assert images.shape == (1, 3, 16, 16)
         out.append((int(epoch), data.decode(tokens[0]), int(bad)))
     return out
@@ -275,10 +276,11 @@ def test_loader_batches_do_not_depend_on_the_number_of_workers():
         it = iter(loader)
         batches.append([next(it) for _ in range(3)])
         assert loader.step == 6
-    for (i0, t0), (i2, t2) in zip(*batches):
+    for (i0, t0, p0), (i2, t2, p2) in zip(*batches):
         assert i0.shape == (6, 2, 3, 16, 16) and i0.dtype == torch.uint8 and t0.shape[:2] == (6, 2)
         assert t0.shape[2] <= 24  # cut after the batch's last end-of-text token
-        assert torch.equal(i0, i2) and torch.equal(t0, t2)
+        assert p0.shape == (6, 2, len(augment.IDENTITY)) and p0.dtype == torch.float32
+        assert torch.equal(i0, i2) and torch.equal(t0, t2) and torch.equal(p0, p2)
 
 
 def test_tar_loader_resumes_at_the_same_sample(tmp_path):
