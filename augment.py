@@ -4,14 +4,14 @@ Every view is called as `view(x, rng)` where `rng` is a `random.Random` that the
 (seed, epoch, sample index, view index). No view touches a global random state, so a sample's views are the
 same in any DataLoader worker, on any rank, and after a resume.
 
-An image view is split in two. In the loader (CPU, per sample): the geometry (random resized crop, resized to
-the final size in Pillow's C code, horizontal flip) and the draw of every random number of the view. The view
-returns the uint8 image [3, H, W] (a quarter of the bytes of a float one on its way to the GPU) and its
-photometric parameters, a float32 row [P] (columns below; IDENTITY for a view that needs none). On the training
-device, batched: `on_device(images, params)` applies colour jitter, grayscale and Gaussian blur with each
-view's own parameters, in fp32, and normalises. Per-pixel work on the CPU was the cost of the strong views
-(PIL's HSV round trip for the hue, the blur): one loader process made 4x fewer improved-recipe samples than
-CLIP-view samples; now it crops and draws numbers for all views alike.
+An image view is split in two. In the loader, per sample on the CPU: the geometry (random resized crop, resized
+to the final size, horizontal flip) and the draw of every random number of the view. A view returns the uint8
+image [3, H, W] (a quarter of the bytes of a float one on its way to the GPU) and its photometric parameters,
+P numbers (columns below; IDENTITY for a view that needs none), which travel with the batch as a float32
+tensor [B, V, P]. On the training device, batched: `on_device(images, params)` applies colour jitter,
+grayscale and Gaussian blur with each view's own parameters, in fp32, and normalises. Done per sample in PIL,
+those per-pixel ops (the HSV round trip of the hue above all) made one loader process 4-5x slower on the
+improved recipe's three views than on one CLIP view; now a view costs the CPU a crop and a resize.
 
 Image views:
   CLIPView     random resized crop + resize: the CLIP training view (Radford et al. 2021 use a random
@@ -45,10 +45,27 @@ LUMA = (0.299, 0.587, 0.114)  # ITU-R 601-2 luma, as Pillow's convert("L")
 RATIO = (3 / 4, 4 / 3)  # aspect ratios of the random resized crops
 
 
-def to_tensor(img, flip=False):
-    """PIL image -> uint8 tensor [3, H, W], mirrored left-right if `flip` (in the copy that is made anyway)."""
+def to_tensor(img):
+    """PIL image -> uint8 tensor [3, H, W]."""
     array = np.asarray(img if img.mode == "RGB" else img.convert("RGB"))  # [H, W, 3] uint8
-    return torch.from_numpy((array[:, ::-1] if flip else array).transpose(2, 0, 1).copy())  # [3, H, W]
+    return torch.from_numpy(array.transpose(2, 0, 1).copy())  # [3, H, W]
+
+
+def pixels(img):
+    """PIL image -> uint8 tensor [3, H, W] over one copy of its pixels in (H, W, 3) order (channels last), the
+    layout in which F.interpolate resizes uint8 fastest. The loader converts each image once; views slice it."""
+    return torch.from_numpy(np.array(img if img.mode == "RGB" else img.convert("RGB"))).permute(2, 0, 1)
+
+
+def resized_crop(x, box, size, flip=False):
+    """uint8 [3, H, W] -> its `box` (left, top, right, bottom) resized to uint8 [3, size, size], contiguous, mirrored
+    left-right if `flip`. Bicubic with antialiasing: F.interpolate's antialiased path follows Pillow's resampling
+    (a = -0.5, support scaled when shrinking) and agrees with Image.resize(BICUBIC, box=box) to about one grey
+    level, at about half of Pillow's time."""
+    left, top, right, bottom = box
+    crop = x[None, :, top:bottom, left:right]  # [1, 3, h, w], a view
+    crop = crop.flip(-1) if flip else crop.contiguous(memory_format=torch.channels_last)  # the one copy (flip: too)
+    return F.interpolate(crop, size=(size, size), mode="bicubic", antialias=True)[0]  # [3, size, size], channels last
 
 
 def normalize(images):
@@ -103,11 +120,10 @@ class CLIPView:
     def __init__(self, size, scale=(0.9, 1.0)):
         self.size, self.scale = size, tuple(scale)
 
-    def __call__(self, img, rng):
-        """-> (uint8 image [3, size, size], IDENTITY params [P])"""
-        box = resized_crop_box(img.width, img.height, rng, self.scale)
-        image = to_tensor(img.resize((self.size, self.size), Image.BICUBIC, box=box))
-        return image, torch.tensor(IDENTITY, dtype=torch.float32)
+    def __call__(self, x, rng):
+        """uint8 image [3, H, W] (`pixels`) -> (uint8 view [3, size, size], IDENTITY params: P numbers)"""
+        box = resized_crop_box(x.shape[-1], x.shape[-2], rng, self.scale)
+        return resized_crop(x, box, self.size), IDENTITY
 
 
 class EvalView:
@@ -135,10 +151,9 @@ class StrongView:
         self.size, self.scale, self.jitter, self.sigma = size, tuple(scale), tuple(jitter), tuple(sigma)
         self.jitter_p, self.gray_p, self.blur_p, self.flip_p = jitter_p, gray_p, blur_p, flip_p
 
-    def __call__(self, img, rng):
-        """-> (uint8 image [3, size, size], params [P])"""
-        box = resized_crop_box(img.width, img.height, rng, self.scale)
-        img = img.convert("RGB").resize((self.size, self.size), Image.BICUBIC, box=box)
+    def __call__(self, x, rng):
+        """uint8 image [3, H, W] (`pixels`) -> (uint8 view [3, size, size], params: P numbers)"""
+        box = resized_crop_box(x.shape[-1], x.shape[-2], rng, self.scale)
         params = list(IDENTITY)
         if rng.random() < self.jitter_p:
             order = [BRIGHTNESS, CONTRAST, SATURATION, HUE]
@@ -150,9 +165,9 @@ class StrongView:
         params[GRAY] = float(rng.random() < self.gray_p)
         if rng.random() < self.blur_p:
             params[SIGMA] = rng.uniform(*self.sigma)
-        # The flip is geometry, done here where it is free (to_tensor copies anyway); it commutes with every op
-        # of on_device (per-pixel ops, an image mean, a symmetric kernel with mirrored padding).
-        return to_tensor(img, flip=rng.random() < self.flip_p), torch.tensor(params, dtype=torch.float32)
+        # The flip is geometry, done here with the crop, where it is nearly free (a copy is made anyway); it
+        # commutes with every op of on_device (per-pixel ops, an image mean, a symmetric kernel, mirrored padding).
+        return resized_crop(x, box, self.size, flip=rng.random() < self.flip_p), tuple(params)
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -26,6 +26,7 @@ import argparse
 import importlib
 import io
 import itertools
+import json
 import math
 import os
 import statistics
@@ -69,6 +70,7 @@ def parse_args(argv=None):
     p.add_argument("--compare-openclip", action="store_true")
     p.add_argument("--loader", action="store_true", help="also time with the real loader, and JPEG decode+augment")
     p.add_argument("--extra", default="", help="more flags for the method file, e.g. '--recipe improved'")
+    p.add_argument("--out", default=None, help="also write every number to this JSON file")
     return p.parse_args(argv)
 
 
@@ -205,21 +207,48 @@ def jpeg_shard(path, n=256, size=(320, 256)):
                 tar.addfile(info, io.BytesIO(payload))
 
 
-def decode_bench(size=224):
-    """Images/s of one loader process reading, decoding and augmenting JPEGs from a tar shard."""
-    rows = []
+RECIPES = {"CLIP view": [], "improved recipe": ["--recipe", "improved"], "--ssl simclr": ["--ssl", "simclr"]}
+
+
+def decode_bench(device, rounds=3, batch_size=64, repeats=5):
+    """Per recipe of clip.py (RECIPES, at 224 px): samples/s of one loader process reading, decoding and cropping
+    JPEGs from a tar shard and drawing every view's random parameters (the CPU part of the views), in this
+    process with one thread, as PyTorch runs a DataLoader worker; the recipes take turns, `rounds` times (median),
+    so that drift of the machine hits all alike. And the milliseconds of augment.on_device (the device part:
+    colour jitter, grayscale, blur, normalisation) on one batch of `batch_size` samples, median of `repeats`.
+    -> [(recipe, image views, samples/s, ms per batch)]"""
+    import clip  # the recipes are clip.py's
+
+    data.get_encoding()  # loaded once per process, not counted
+    views = {name: clip.train_views(clip.parse_args(["--model", "ViT-B/16", *flags]))  # 224 px
+             for name, flags in RECIPES.items()}
+    rates, batches, threads = {name: [] for name in RECIPES}, {}, torch.get_num_threads()
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "00000.tar")
         jpeg_shard(path)
-        for name, views in (("CLIP view", [augment.CLIPView(size)]),
-                            ("weak + 2 strong (improved recipe)",
-                             [augment.CLIPView(size, (0.5, 1))] + [augment.StrongView(size)] * 2)):
-            text_views = [augment.TextView(0.8)] + [augment.TextView(0.8, eda=True)] * (len(views) - 1)
-            stream = data.TarShards([path], views, text_views, epochs=2)
-            start, n = time.perf_counter(), 0
-            for _ in stream:
-                n += 1
-            rows.append((name, n / (time.perf_counter() - start)))
+        torch.set_num_threads(1)
+        try:
+            for _ in range(rounds):
+                for name, (image_views, text_views) in views.items():
+                    start, samples = time.perf_counter(), []
+                    for sample in data.TarShards([path], image_views, text_views, epochs=1):
+                        samples.append((sample[0], sample[2]))  # (images, params): a batch to time on_device with
+                    rates[name].append(len(samples) / (time.perf_counter() - start))
+                    batches[name] = samples[:batch_size]
+        finally:
+            torch.set_num_threads(threads)
+    rows = []
+    for name, samples in batches.items():
+        images = torch.stack([s[0] for s in samples]).to(device)  # uint8 [B, V, 3, 224, 224]
+        params = torch.stack([s[1] for s in samples])  # [B, V, P], on the CPU as the loader gives it
+        times = []
+        for _ in range(repeats + 1):  # the first call warms up, untimed
+            synchronize(device)
+            t = time.perf_counter()
+            augment.on_device(images, params)
+            synchronize(device)
+            times.append(time.perf_counter() - t)
+        rows.append((name, len(views[name][0]), statistics.median(rates[name]), 1000 * statistics.median(times[1:])))
     return rows
 
 
@@ -255,7 +284,7 @@ def main(args):
           f"{args.steps} steps x {args.repeats}, {args.captions} caption lengths")
     print(f"{'model':<10}{'batch':>6}{'precision':>10}{'tokens':>7}{'ours/s':>10}{'MFU':>7}{'mem GiB':>9}"
           f"{'openclip/s':>12}{'mem GiB':>9}{'ratio':>7}")
-    ratios = []
+    ratios, results = [], {"device": str(device), "cpus": os.cpu_count(), "torch": torch.__version__, "steps": []}
     for preset in presets:
         for batch_size in args.batch_size or [256 if preset == "tiny" else 16]:
             step, batch, flops, precision, module, train_args, tokens = ours(args.method, preset, batch_size, device,
@@ -280,6 +309,9 @@ def main(args):
                 row += (f"{statistics.median(theirs):>12.1f}{their_mem if their_mem is not None else '-':>9}"
                         f"{ratio:>7.2f}")
             print(row, flush=True)
+            results["steps"].append({"model": preset, "batch": batch_size, "precision": precision, "tokens": length,
+                                     "samples_per_s": statistics.median(mine), "mfu": mfu, "peak_mem_gib": mem,
+                                     "openclip_samples_per_s": statistics.median(theirs) if other else None})
             del step, batch, other, tokens
             if device.type == "cuda":
                 torch.cuda.empty_cache()
@@ -311,13 +343,30 @@ def main(args):
         print(f"with the real loader ({preset}, synthetic data, batch {batch_size}): "
               f"{args.steps * batch_size / elapsed:.1f} samples/s, "
               f"data time {waited / args.steps * 1000:.1f} ms/step ({waited / elapsed:.0%} of the step)")
-        for name, rate in decode_bench():
-            print(f"decode + augment, 224 px JPEG from a tar shard, one process: {rate:.0f} samples/s ({name})")
+        results["real_loader"] = {"model": preset, "batch": batch_size, "data_ms_per_step": waited / args.steps * 1000,
+                                  "samples_per_s": args.steps * batch_size / elapsed}
+        results["decode_augment"] = []
+        for name, views, rate, ms in decode_bench(device):
+            print(f"decode + augment, 224 px JPEG from a tar shard, one process: {rate:.0f} samples/s ({name}, "
+                  f"{views} image view{'s' if views > 1 else ''}); on the device {ms:.1f} ms per batch of 64 "
+                  f"({device.type})")
+            results["decode_augment"].append({"recipe": name, "image_views": views, "cpu_samples_per_s": rate,
+                                              "device_ms_per_batch_64": ms})
+        base = results["decode_augment"][0]["cpu_samples_per_s"]
+        print("one loader process, samples/s relative to the CLIP view: " +
+              ", ".join(f"{r['recipe']} {r['cpu_samples_per_s'] / base:.2f}x" for r in results["decode_augment"]))
+        results["loader_alone"] = []
         for name, workers, rate in loader_bench([1, 2]):
             print(f"loader alone, {name}, CLIP view, {workers} worker{'s' if workers > 1 else ''}: "
                   f"{rate:.0f} samples/s")
+            results["loader_alone"].append({"source": name, "workers": workers, "samples_per_s": rate})
     if ratios:
         print(f"ratio ours/openclip: {statistics.median(ratios):.2f}")
+        results["ratio_ours_openclip"] = statistics.median(ratios)
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(results, f, indent=1)
+        print(f"wrote {args.out}")
 
 
 if __name__ == "__main__":

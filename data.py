@@ -365,10 +365,12 @@ def report_skip(what, error):
 
 def make_views(image, caption, image_views, text_views, context_length, seed_key):
     """One sample -> (images uint8 [V, 3, H, W], tokens [T, L], params float32 [V, P]); view k draws all its random
-    numbers from Random(seed_key/k), the photometric params (augment.on_device applies them) included."""
-    images, params = zip(*[view(image, random.Random(f"{seed_key}/image{k}")) for k, view in enumerate(image_views)])
+    numbers from Random(seed_key/k), the photometric params (augment.on_device applies them) included. The PIL
+    image is turned into a tensor once (augment.pixels); each view crops and resizes it."""
+    x = augment.pixels(image)  # uint8 [3, H, W]
+    images, params = zip(*[view(x, random.Random(f"{seed_key}/image{k}")) for k, view in enumerate(image_views)])
     texts = [view(caption, random.Random(f"{seed_key}/text{k}")) for k, view in enumerate(text_views)]
-    return torch.stack(images), tokenize(texts, context_length), torch.stack(params)
+    return torch.stack(images), tokenize(texts, context_length), torch.tensor(params, dtype=torch.float32)
 
 
 class PairDataset(torch.utils.data.Dataset):
