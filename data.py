@@ -559,16 +559,19 @@ class TarProbe:
                     self.samples.append(files)
                     if len(self.samples) >= n:
                         return
-            except (OSError, tarfile.TarError, EOFError) as e:
-                self.samples.append(e)  # an unreadable shard counts as one bad sample
+            except (OSError, tarfile.TarError, EOFError) as e:  # an unreadable shard counts as one bad sample
+                self.samples.append(type(e)(*e.args))  # a copy without the traceback: see __getitem__
 
     def __len__(self):
         return len(self.samples)
 
     def __getitem__(self, index):
-        if isinstance(self.samples[index], Exception):
-            raise self.samples[index]
-        return decode_tar_sample(self.samples[index])
+        sample = self.samples[index]
+        if isinstance(sample, Exception):
+            # A fresh exception each time: a kept exception holds the frames it was raised through, and those
+            # frames their callers (a caller's live loader iterator too, whose workers then hang the exit).
+            raise type(sample)(*sample.args)
+        return decode_tar_sample(sample)
 
 
 def preflight(source, n=32, what="data"):
