@@ -205,13 +205,13 @@ class SyntheticPairs:
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 
 
-def load_image(file, draft_side=0):
-    """Path or file object -> RGB PIL image, fully decoded now (a truncated file raises here). A JPEG is decoded
-    at 1/2, 1/4 or 1/8 of its size (in the DCT, much faster) while sqrt(W * H) stays >= `draft_side`
-    (augment.draft_side: every crop of the views then still has the output size or more, so the views only
-    shrink it, as they would the full-size image)."""
+def load_image(file, draft_side=None):
+    """Path or file object -> RGB PIL image, fully decoded now (a truncated file raises here). With `draft_side`,
+    a JPEG is decoded at 1/2, 1/4 or 1/8 of its size (in the DCT, much faster) while sqrt(W * H) stays >=
+    draft_side (augment.draft_side: every crop of the views then still has the output size or more, so the
+    views only shrink it, as they would the full-size image)."""
     with Image.open(file) as img:
-        a = 8
+        a = 8 if draft_side else 1
         while a > 1 and math.sqrt(img.width * img.height) / a < draft_side:
             a //= 2
         if a > 1:  # Pillow picks the largest of 8, 4, 2 not above min(W // w, H // h) = a here: size ceil(W / a)
@@ -233,7 +233,7 @@ class CsvPairs:
     """A CSV/TSV file with one row per (image, caption) pair. Image paths are relative to the file's
     folder (or absolute). Loading a row may raise; the dataset wrapper skips and counts such rows."""
 
-    def __init__(self, path, img_key="filepath", caption_key="caption", separator=None, draft_side=0):
+    def __init__(self, path, img_key="filepath", caption_key="caption", separator=None, draft_side=None):
         if not os.path.isfile(path):
             raise FileNotFoundError(f"--data {path}: no such file")
         if separator is None:
@@ -314,7 +314,7 @@ def tar_samples(path):
         yield key, files
 
 
-def decode_tar_sample(files, draft_side=0):
+def decode_tar_sample(files, draft_side=None):
     """{extension: bytes} -> (PIL image, caption); raises on a missing, corrupt or empty part. `draft_side`: see
     load_image."""
     image_ext = next((e for e in IMAGE_EXTENSIONS if e in files), None)
@@ -455,7 +455,7 @@ class TarShards(torch.utils.data.IterableDataset):
         self.context_length, self.seed, self.rank, self.world_size = context_length, seed, rank, world_size
         self.workers, self.shuffle_buffer, self.epochs = max(1, workers), shuffle_buffer, epochs
         self.start_step, self.state = start_step, state or {}
-        self.draft_side = augment.draft_side(image_views) if image_views else 0  # see load_image
+        self.draft_side = augment.draft_side(image_views) if image_views else None  # see load_image
         if len(self.urls) < world_size * self.workers:
             raise ValueError(
                 f"{len(self.urls)} shards cannot feed {world_size} ranks x {self.workers} workers without overlap; "
