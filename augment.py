@@ -178,11 +178,11 @@ def luma(x):
 
 
 def blend(x, y, f):
-    return (f.view(-1, 1, 1, 1) * x + (1 - f.view(-1, 1, 1, 1)) * y).clamp(0, 1)  # clip(f x + (1 - f) y)
+    return torch.lerp(y, x, f.view(-1, 1, 1, 1)).clamp_(0, 1)  # clip(f x + (1 - f) y)
 
 
 def brightness(x, f):
-    return blend(x, torch.zeros_like(x), f)  # x' = clip(f x)
+    return (x * f.view(-1, 1, 1, 1)).clamp_(0, 1)  # x' = clip(f x)
 
 
 def contrast(x, f):
