@@ -33,6 +33,7 @@ import json
 import math
 import os
 import platform
+import re
 import resource
 import signal
 import time
@@ -286,7 +287,15 @@ class CLIP(nn.Module):
 class BatchNorm(nn.BatchNorm1d):
     """BatchNorm1d whose training statistics are those of the global batch: the sums go through an
     autograd-aware all-reduce, so 2 ranks on halves compute exactly what 1 process computes on the whole
-    batch, on gloo (CPU) and NCCL alike. (torch.nn.SyncBatchNorm does the same on GPUs only.)"""
+    batch, on gloo (CPU) and NCCL alike. (torch.nn.SyncBatchNorm does the same on GPUs only.)
+    The running statistics of a step go to `pending_*` buffers first and become the running ones only if the
+    step is applied (apply_running); buffers, updated in place, and not Python attributes, so that
+    torch.compile traces them without a recompile per step."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        for name in ("running_mean", "running_var", "num_batches_tracked"):
+            self.register_buffer("pending_" + name, getattr(self, name).clone(), persistent=False)
 
     def forward(self, x):  # [b, C]
         if not self.training:
@@ -295,21 +304,25 @@ class BatchNorm(nn.BatchNorm1d):
         n = x.shape[0] * get_world_size()
         mean = all_reduce_with_grad(x.sum(0)) / n  # [C]
         var = all_reduce_with_grad(((x - mean) ** 2).sum(0)) / n  # [C], biased, as BatchNorm1d
-        with torch.no_grad():  # running statistics: held until the step is known to be applied (apply_running)
-            m, v, t = self.next_running or (self.running_mean, self.running_var, self.num_batches_tracked)
-            self.next_running = (m.lerp(mean, self.momentum), v.lerp(var * n / max(1, n - 1), self.momentum), t + 1)
+        with torch.no_grad():  # the step's running statistics, held until the step is known to be applied
+            self.pending_running_mean.lerp_(mean, self.momentum)
+            self.pending_running_var.lerp_(var * n / max(1, n - 1), self.momentum)  # unbiased, as BatchNorm1d
+            self.pending_num_batches_tracked += 1
         x = (x - mean) / torch.sqrt(var + self.eps)  # [b, C]
         return x * self.weight + self.bias if self.affine else x
-
-    next_running = None  # (mean, var, count) after this step's forwards, until apply_running
 
     def apply_running(self, applied):
         """After the optimizer step: keep this step's running statistics only if the step was applied (a
         skipped non-finite step leaves them as they were). `applied`: a bool tensor on the device, no sync."""
-        if self.next_running is not None:
-            for buffer, new in zip((self.running_mean, self.running_var, self.num_batches_tracked), self.next_running):
-                buffer.copy_(torch.where(applied, new, buffer))
-            self.next_running = None
+        for name in ("running_mean", "running_var", "num_batches_tracked"):
+            running, pending = getattr(self, name), getattr(self, "pending_" + name)
+            running.copy_(torch.where(applied, pending, running))
+            pending.copy_(running)
+
+    def _load_from_state_dict(self, *args, **kwargs):  # a loaded checkpoint's statistics are the pending ones too
+        super()._load_from_state_dict(*args, **kwargs)
+        for name in ("running_mean", "running_var", "num_batches_tracked"):
+            getattr(self, "pending_" + name).copy_(getattr(self, name))
 
 
 def mlp(dims, last_bn=False, last_affine=True):
@@ -331,7 +344,7 @@ def per_view(head, features):
 
 class Prototypes(nn.Module):
     """K learnable unit-norm prototypes c_k [K, d] (SwAV; Fini et al.'s SwALIPV1, a weight-normalised Linear with
-    the norm fixed at 1 and nn.Linear's initialisation), scores z . c_k of normalised embeddings. As in the
+    the norm fixed at 1 and nn.Linear's initialisation), scores z . c_k of normalised embeddings, in fp32. As in the
     official code, the prototypes get no gradient in the first `freeze_iters` optimizer steps, so the optimizer
     skips them (no step, no weight decay, Adam moments and step count untouched). DDP skips them too (see
     CLIP.__init__): their gradient is averaged over ranks here, as DDP would."""
@@ -344,7 +357,8 @@ class Prototypes(nn.Module):
 
     def forward(self, z):  # [B, d] -> [B, K]
         c = self.weight.detach() if self.frozen else AverageGradient.apply(self.weight)  # [K, d]
-        return F.normalize(z, dim=-1) @ F.normalize(c, dim=-1).t()  # [B, K]
+        with torch.autocast(z.device.type, enabled=False):  # fp32 scores, as nCLIP's: Sinkhorn divides them by 0.05
+            return F.normalize(z.float(), dim=-1) @ F.normalize(c.float(), dim=-1).t()  # [B, K]
 
     def count_step(self):
         self.steps_done += 1
@@ -549,8 +563,8 @@ def common_args(parser):
     g = parser.add_argument_group("system")
     g.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: cuda if available)")
     g.add_argument("--precision", default=None, choices=["bf16", "fp16", "fp32"],
-                   help="autocast dtype (default: bf16 on GPUs that support it, fp16 on older GPUs, fp32 on CPU); "
-                        "fp16 uses a dynamic loss scale")
+                   help="autocast dtype (default: bf16 on GPUs with compute capability 8.0 or newer (A100, H100, "
+                        "L4, ...), fp16 on older GPUs (V100, T4), fp32 on CPU); fp16 uses a dynamic loss scale")
     g.add_argument("--compile", action="store_true",
                    help="torch.compile the model: slower start (a minute or more), faster steps")
     g.add_argument("--seed", type=int, default=0, help="seeds initialisation, data order and augmentations")
@@ -808,8 +822,14 @@ def print0(*args, **kwargs):
         print(*args, **kwargs, flush=True)
 
 
-# Dense bf16/fp16 peak TFLOP/s by GPU name, for the MFU column.
-GPU_PEAK_TFLOPS = {"H100": 989, "H200": 989, "A100": 312, "L40S": 362, "A10G": 70, "L4": 121, "V100": 125}
+# Dense peak TFLOP/s for the MFU column, from NVIDIA's data sheets (without sparsity): (pattern matched on
+# torch.cuda.get_device_name, 16-bit tensor cores (bf16; fp16 on V100/T4), fp32 matmuls (TF32 from Ampere on)).
+# The first match wins, so each exact part comes before its family: an H100 PCIe or NVL is not an H100 SXM.
+GPU_PEAK_TFLOPS = [
+    (r"H100.*(PCIe|PCIE)", 756, 378), (r"H100 NVL", 835, 417.5), (r"H200 NVL", 835, 417.5),
+    (r"H100|H200|GH200", 989, 494.5), (r"A100", 312, 156), (r"A10G", 70, 35), (r"L40S", 362, 183),
+    (r"L40\b", 181, 90.5), (r"L4\b", 121, 60), (r"V100", 125, 15.7), (r"T4\b", 65, 8.1),
+]
 DEFAULT_STEPS = 600
 STOP_CHECK_EVERY = 10  # steps between the ranks' agreement on stopping (one tiny all-reduce, read on the host)
 
@@ -1052,20 +1072,24 @@ def evaluate(raw_model, eval_sets, args, device, autocast, workers=0):
 
 
 def mixed_precision(args, device):
-    """-> (precision, autocast context): bf16 on GPUs that support it, fp16 on older GPUs, fp32 on CPU."""
-    cuda = device.type == "cuda"
-    precision = args.precision or ("bf16" if cuda and torch.cuda.is_bf16_supported() else "fp16" if cuda else "fp32")
+    """-> (precision, autocast context). Default: fp32 on CPU; on a GPU bf16 where its tensor cores run it
+    (compute capability 8.0 and newer), else fp16 with a dynamic loss scale (V100 and T4 emulate bf16, slowly,
+    though torch.cuda.is_bf16_supported() says yes)."""
+    precision = args.precision or eval_zeroshot.default_precision(device)
+    if precision == "bf16" and device.type == "cuda" and torch.cuda.get_device_capability(device) < (8, 0):
+        print0(f"note: {torch.cuda.get_device_name(device)} has no bf16 tensor cores: --precision fp16 is faster")
     if precision == "fp32":
         return precision, nullcontext()
     return precision, torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
 
 
 def gpu_peak_tflops(device, precision):
-    """The GPU's dense peak for MFU (fp32 runs matmuls as TF32: half the bf16 rate); None on CPU or unknown GPUs."""
+    """The GPU's dense peak for MFU in this precision (GPU_PEAK_TFLOPS); None on CPU or unknown GPUs."""
     if device.type != "cuda":
         return None
-    dense = next((v for k, v in GPU_PEAK_TFLOPS.items() if k in torch.cuda.get_device_name(device)), None)
-    return dense / 2 if dense and precision == "fp32" else dense
+    name = torch.cuda.get_device_name(device)
+    peaks = next((peaks for pattern, *peaks in GPU_PEAK_TFLOPS if re.search(pattern, name)), None)
+    return None if peaks is None else peaks[1] if precision == "fp32" else peaks[0]
 
 
 def build_training(args, device, precision):

@@ -63,6 +63,7 @@ import json
 import math
 import os
 import platform
+import re
 import resource
 import signal
 import time
@@ -332,8 +333,8 @@ def common_args(parser):
     g = parser.add_argument_group("system")
     g.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: cuda if available)")
     g.add_argument("--precision", default=None, choices=["bf16", "fp16", "fp32"],
-                   help="autocast dtype (default: bf16 on GPUs that support it, fp16 on older GPUs, fp32 on CPU); "
-                        "fp16 uses a dynamic loss scale")
+                   help="autocast dtype (default: bf16 on GPUs with compute capability 8.0 or newer (A100, H100, "
+                        "L4, ...), fp16 on older GPUs (V100, T4), fp32 on CPU); fp16 uses a dynamic loss scale")
     g.add_argument("--compile", action="store_true",
                    help="torch.compile the model: slower start (a minute or more), faster steps")
     g.add_argument("--seed", type=int, default=0, help="seeds initialisation, data order and augmentations")
@@ -591,8 +592,14 @@ def print0(*args, **kwargs):
         print(*args, **kwargs, flush=True)
 
 
-# Dense bf16/fp16 peak TFLOP/s by GPU name, for the MFU column.
-GPU_PEAK_TFLOPS = {"H100": 989, "H200": 989, "A100": 312, "L40S": 362, "A10G": 70, "L4": 121, "V100": 125}
+# Dense peak TFLOP/s for the MFU column, from NVIDIA's data sheets (without sparsity): (pattern matched on
+# torch.cuda.get_device_name, 16-bit tensor cores (bf16; fp16 on V100/T4), fp32 matmuls (TF32 from Ampere on)).
+# The first match wins, so each exact part comes before its family: an H100 PCIe or NVL is not an H100 SXM.
+GPU_PEAK_TFLOPS = [
+    (r"H100.*(PCIe|PCIE)", 756, 378), (r"H100 NVL", 835, 417.5), (r"H200 NVL", 835, 417.5),
+    (r"H100|H200|GH200", 989, 494.5), (r"A100", 312, 156), (r"A10G", 70, 35), (r"L40S", 362, 183),
+    (r"L40\b", 181, 90.5), (r"L4\b", 121, 60), (r"V100", 125, 15.7), (r"T4\b", 65, 8.1),
+]
 DEFAULT_STEPS = 600
 STOP_CHECK_EVERY = 10  # steps between the ranks' agreement on stopping (one tiny all-reduce, read on the host)
 
@@ -835,20 +842,24 @@ def evaluate(raw_model, eval_sets, args, device, autocast, workers=0):
 
 
 def mixed_precision(args, device):
-    """-> (precision, autocast context): bf16 on GPUs that support it, fp16 on older GPUs, fp32 on CPU."""
-    cuda = device.type == "cuda"
-    precision = args.precision or ("bf16" if cuda and torch.cuda.is_bf16_supported() else "fp16" if cuda else "fp32")
+    """-> (precision, autocast context). Default: fp32 on CPU; on a GPU bf16 where its tensor cores run it
+    (compute capability 8.0 and newer), else fp16 with a dynamic loss scale (V100 and T4 emulate bf16, slowly,
+    though torch.cuda.is_bf16_supported() says yes)."""
+    precision = args.precision or eval_zeroshot.default_precision(device)
+    if precision == "bf16" and device.type == "cuda" and torch.cuda.get_device_capability(device) < (8, 0):
+        print0(f"note: {torch.cuda.get_device_name(device)} has no bf16 tensor cores: --precision fp16 is faster")
     if precision == "fp32":
         return precision, nullcontext()
     return precision, torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
 
 
 def gpu_peak_tflops(device, precision):
-    """The GPU's dense peak for MFU (fp32 runs matmuls as TF32: half the bf16 rate); None on CPU or unknown GPUs."""
+    """The GPU's dense peak for MFU in this precision (GPU_PEAK_TFLOPS); None on CPU or unknown GPUs."""
     if device.type != "cuda":
         return None
-    dense = next((v for k, v in GPU_PEAK_TFLOPS.items() if k in torch.cuda.get_device_name(device)), None)
-    return dense / 2 if dense and precision == "fp32" else dense
+    name = torch.cuda.get_device_name(device)
+    peaks = next((peaks for pattern, *peaks in GPU_PEAK_TFLOPS if re.search(pattern, name)), None)
+    return None if peaks is None else peaks[1] if precision == "fp32" else peaks[0]
 
 
 def build_training(args, device, precision):

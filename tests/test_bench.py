@@ -54,15 +54,3 @@ def test_compare_openclip_ends_with_the_median_ratio(capsys):
     ours, theirs, ratio = float(row[4]), float(row[7]), float(row[-1])
     assert ratio == pytest.approx(ours / theirs, abs=0.01)  # printed to 2 decimals from unrounded rates
     assert re.fullmatch(r"ratio ours/openclip: \d+\.\d\d", out[-1])
-
-
-@pytest.mark.parametrize("method", ["clip", "nclip", "xclip"])
-def test_mfu_peak_is_the_gpus_dense_rate_halved_for_tf32(method, monkeypatch):
-    module = __import__(method)
-    monkeypatch.setattr(module.torch.cuda, "get_device_name", lambda device=None: "NVIDIA H100 80GB HBM3")
-    cuda = module.torch.device("cuda", 0)  # a device object only: nothing runs on it
-    assert module.gpu_peak_tflops(cuda, "bf16") == 989
-    assert module.gpu_peak_tflops(cuda, "fp32") == 494.5
-    assert module.gpu_peak_tflops(module.torch.device("cpu"), "bf16") is None
-    monkeypatch.setattr(module.torch.cuda, "get_device_name", lambda device=None: "Some Future GPU")
-    assert module.gpu_peak_tflops(cuda, "bf16") is None
