@@ -26,6 +26,7 @@ import argparse
 import importlib
 import io
 import itertools
+import json
 import math
 import os
 import statistics
@@ -69,6 +70,8 @@ def parse_args(argv=None):
     p.add_argument("--compare-openclip", action="store_true")
     p.add_argument("--loader", action="store_true", help="also time with the real loader, and JPEG decode+augment")
     p.add_argument("--extra", default="", help="more flags for the method file, e.g. '--recipe improved'")
+    p.add_argument("--out", default=None, metavar="RESULTS.json",
+                   help="also write every number printed (unrounded), with the machine and versions, to this file")
     return p.parse_args(argv)
 
 
@@ -250,9 +253,12 @@ def main(args):
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     presets = args.model or ["tiny", "ViT-B/32"]
-    print(f"bench: {args.method}.py on {torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'} "
-          f"({os.cpu_count()} CPUs, {torch.get_num_threads()} threads), torch {torch.__version__}, "
-          f"{args.steps} steps x {args.repeats}, {args.captions} caption lengths")
+    results = {"method": args.method, "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+               "cpus": os.cpu_count(), "threads": torch.get_num_threads(), "torch": torch.__version__,
+               "steps": args.steps, "repeats": args.repeats, "captions": args.captions, "compile": args.compile,
+               "extra": args.extra, "rows": []}
+    print(f"bench: {args.method}.py on {results['device']} ({os.cpu_count()} CPUs, {torch.get_num_threads()} threads), "
+          f"torch {torch.__version__}, {args.steps} steps x {args.repeats}, {args.captions} caption lengths")
     print(f"{'model':<10}{'batch':>6}{'precision':>10}{'tokens':>7}{'ours/s':>10}{'MFU':>7}{'mem GiB':>9}"
           f"{'openclip/s':>12}{'mem GiB':>9}{'ratio':>7}")
     ratios = []
@@ -270,15 +276,21 @@ def main(args):
                     rate, their_mem = measure(other[0], other[1], args.steps, args.warmup, device)
                     theirs.append(rate)
             peak = module.gpu_peak_tflops(device, precision)
-            mfu = f"{flops * statistics.median(mine) / (peak * 1e12):.1%}" if peak else "-"
+            mfu = flops * statistics.median(mine) / (peak * 1e12) if peak else None
             length = statistics.mean(t.shape[-1] for t in batch[1])  # text positions run, mean over the batches
-            row = (f"{preset:<10}{batch_size:>6}{precision:>10}{length:>7.1f}"
-                   f"{statistics.median(mine):>10.1f}{mfu:>7}{mem if mem is not None else '-':>9}")
+            record = {"model": preset, "batch_size": batch_size, "precision": precision, "text_length": length,
+                      "samples_per_s": statistics.median(mine), "mfu": mfu, "peak_mem_gib": mem,
+                      "samples_per_s_each": mine}
+            row = (f"{preset:<10}{batch_size:>6}{precision:>10}{length:>7.1f}{statistics.median(mine):>10.1f}"
+                   f"{f'{mfu:.1%}' if mfu is not None else '-':>7}{f'{mem:.2f}' if mem is not None else '-':>9}")
             if other:
-                ratio = statistics.median(a / b for a, b in zip(mine, theirs))
+                ratio = statistics.median(a / b for a, b in zip(mine, theirs))  # per repeat, then the median
                 ratios.append(ratio)
-                row += (f"{statistics.median(theirs):>12.1f}{their_mem if their_mem is not None else '-':>9}"
-                        f"{ratio:>7.2f}")
+                record.update(openclip_samples_per_s=statistics.median(theirs), openclip_peak_mem_gib=their_mem,
+                              openclip_samples_per_s_each=theirs, ratio=ratio, openclip_version=other[2])
+                row += (f"{statistics.median(theirs):>12.1f}"
+                        f"{f'{their_mem:.2f}' if their_mem is not None else '-':>9}{ratio:>7.2f}")
+            results["rows"].append(record)
             print(row, flush=True)
             del step, batch, other, tokens
             if device.type == "cuda":
@@ -310,13 +322,26 @@ def main(args):
         print(f"with the real loader ({preset}, synthetic data, batch {batch_size}): "
               f"{args.steps * batch_size / elapsed:.1f} samples/s, "
               f"data time {waited / args.steps * 1000:.1f} ms/step ({waited / elapsed:.0%} of the step)")
+        results["real_loader"] = {"model": preset, "batch_size": batch_size,
+                                  "samples_per_s": args.steps * batch_size / elapsed,
+                                  "data_time_ms_per_step": waited / args.steps * 1000}
+        results["decode_augment"] = []
         for name, rate in decode_bench():
             print(f"decode + augment, 224 px JPEG from a tar shard, one process: {rate:.0f} samples/s ({name})")
+            results["decode_augment"].append({"views": name, "samples_per_s": rate})
+        results["loader_alone"] = []
         for name, workers, rate in loader_bench([1, 2]):
             print(f"loader alone, {name}, CLIP view, {workers} worker{'s' if workers > 1 else ''}: "
                   f"{rate:.0f} samples/s")
+            results["loader_alone"].append({"data": name, "workers": workers, "samples_per_s": rate})
     if ratios:
-        print(f"ratio ours/openclip: {statistics.median(ratios):.2f}")
+        results["ratio"] = statistics.median(ratios)
+        print(f"ratio ours/openclip: {results['ratio']:.2f}")
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(results, f, indent=1)
+        print(f"wrote {args.out}")
+    return results
 
 
 if __name__ == "__main__":

@@ -32,23 +32,29 @@ def make_batch(args, module, step, batch_size, rank=0, world_size=1):
     return images[rows], data.trim_tokens(tokens[rows])
 
 
-def train_steps(name, flags, steps=3, batch_size=8, precision="fp32", compile_backend=None, rank=0, world_size=1):
+def train_steps(name, flags, steps=3, batch_size=8, precision="fp32", compile_backend=None, rank=0, world_size=1,
+                device="cpu", ddp=None):
     """`steps` optimizer steps of train_step from the same initial weights -> (losses, final parameters).
-    Under DDP (world_size > 1, a process group already joined) each rank takes its rows of the global batch."""
+    Under DDP (world_size > 1, or ddp=True; a process group already joined) each rank takes its rows of the
+    global batch."""
     module = importlib.import_module(name)
     args = module.parse_args(flags + ["--batch-size", str(batch_size // world_size), "--precision", precision,
                                       "--warmup", "1"] + (["--compile"] if compile_backend else []))
-    device = torch.device("cpu")
+    device = torch.device(device)
     torch.manual_seed(args.seed)
     raw_model, optimizer, scaler = module.build_training(args, device, precision)
     torch.manual_seed(args.seed + rank)
     _, autocast = module.mixed_precision(args, device)
-    model = torch.nn.parallel.DistributedDataParallel(raw_model) if world_size > 1 else raw_model
+    if ddp or (ddp is None and world_size > 1):
+        device_ids = [device.index] if device.type == "cuda" else None
+        model = torch.nn.parallel.DistributedDataParallel(raw_model, device_ids=device_ids)
+    else:
+        model = raw_model
     if compile_backend:
         model = torch.compile(model, backend=compile_backend)
     losses = []
     for step in range(steps):
-        images, tokens = make_batch(args, module, step, batch_size, rank, world_size)
+        images, tokens = (x.to(device) for x in make_batch(args, module, step, batch_size, rank, world_size))
         for group in optimizer.param_groups:
             group["lr"] = args.lr
         loss, _, applied = module.train_step(model, raw_model, optimizer, scaler, images, tokens, args, autocast,
