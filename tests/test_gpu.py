@@ -29,7 +29,8 @@ def test_bf16_on_the_gpu_trains_close_to_fp32(name, flags, compiled):
     torch._inductor.config.fallback_random = True  # eager's random numbers (text dropout) in compiled code
     torch.backends.cuda.matmul.allow_tf32 = False  # the fp32 reference in full fp32
     fp32, _ = train_steps(name, flags, precision="fp32", device="cuda")
-    bf16, _ = train_steps(name, flags, precision="bf16", device="cuda", compile_backend="inductor" if compiled else None)
+    backend = "inductor" if compiled else None
+    bf16, _ = train_steps(name, flags, precision="bf16", device="cuda", compile_backend=backend)
     assert_close_to_fp32(fp32, bf16, name)
 
 
