@@ -7,6 +7,7 @@ data loading is counted, and prints samples/s per process, MFU and peak memory f
   python bench.py --model ViT-B/16 --batch-size 256 --device cuda --compile --compare-openclip
   python bench.py --method xclip --model tiny --batch-size 64 128 256
   python bench.py --loader                                   # + the real loader; decode+augment images/s
+  python bench.py --model tiny --batch-size 128 --accum-steps 2     # gradient caching: 2 x 128 pairs a step
 
 The steps go through TOKEN_BATCHES token batches in turn, whose captions have realistic lengths by default
 (--captions cc3m, see CAPTION_MEAN below): our text tower runs up to each batch's last end-of-text token, as
@@ -69,6 +70,9 @@ def parse_args(argv=None):
                         "the context, the text tower's worst case)")
     p.add_argument("--compare-openclip", action="store_true")
     p.add_argument("--loader", action="store_true", help="also time with the real loader, and JPEG decode+augment")
+    p.add_argument("--accum-steps", type=int, default=1, metavar="K",
+                   help="gradient caching: each step takes K micro-batches of --batch-size (samples/s counts all "
+                        "K x batch-size pairs; OpenCLIP, if compared, gets the K x batch-size batch in one piece)")
     p.add_argument("--extra", default="", help="more flags for the method file, e.g. '--recipe improved'")
     p.add_argument("--out", default=None, metavar="RESULTS.json",
                    help="also write every number printed (unrounded), with the machine and versions, to this file")
@@ -130,8 +134,9 @@ def ours(method, preset, batch_size, device, args):
     module = importlib.import_module(method)
     flags = ["--model", preset, "--device", device.type] + (["--precision", args.precision] if args.precision else [])
     flags += (["--grad-checkpointing"] if args.grad_checkpointing else []) + (["--compile"] if args.compile else [])
-    flags += args.extra.split()
+    flags += ["--accum-steps", str(args.accum_steps)] + args.extra.split()
     train_args = module.parse_args(flags)
+    batch_size *= train_args.accum_steps  # a step's samples
     precision, autocast = module.mixed_precision(train_args, device)
     raw_model, optimizer, scaler = module.build_training(train_args, device, precision)
     model = torch.compile(raw_model) if args.compile else raw_model
@@ -143,7 +148,8 @@ def ours(method, preset, batch_size, device, args):
     def step(b):  # b: (images, token batches), one token batch after the other
         text = b[1][next(steps) % len(b[1])]
         module.train_step(model, raw_model, optimizer, scaler, b[0], text, train_args, autocast, precision)
-    flops = statistics.mean(raw_model.flops_per_sample(text_length=t.shape[-1]) for t in batch[1])
+    flops = statistics.mean(raw_model.flops_per_sample(t.shape[-1], recompute=train_args.accum_steps > 1)
+                            for t in batch[1])
     return step, batch, flops, precision, module, train_args, tokens
 
 
@@ -258,7 +264,8 @@ def main(args):
                "steps": args.steps, "repeats": args.repeats, "captions": args.captions, "compile": args.compile,
                "extra": args.extra, "rows": []}
     print(f"bench: {args.method}.py on {results['device']} ({os.cpu_count()} CPUs, {torch.get_num_threads()} threads), "
-          f"torch {torch.__version__}, {args.steps} steps x {args.repeats}, {args.captions} caption lengths")
+          f"torch {torch.__version__}, {args.steps} steps x {args.repeats}, {args.captions} caption lengths"
+          + (f", {args.accum_steps} micro-batches of `batch` per step" if args.accum_steps > 1 else ""))
     print(f"{'model':<10}{'batch':>6}{'precision':>10}{'tokens':>7}{'ours/s':>10}{'MFU':>7}{'mem GiB':>9}"
           f"{'openclip/s':>12}{'mem GiB':>9}{'ratio':>7}")
     ratios = []
@@ -266,7 +273,8 @@ def main(args):
         for batch_size in args.batch_size or [256 if preset == "tiny" else 16]:
             step, batch, flops, precision, module, train_args, tokens = ours(args.method, preset, batch_size, device,
                                                                              args)
-            other = (openclip(module, preset, batch_size, device, precision, args, [t[:, 0] for t in tokens])
+            other = (openclip(module, preset, batch_size * args.accum_steps, device, precision, args,
+                              [t[:, 0] for t in tokens])
                      if args.compare_openclip else None)
             mine, theirs, mem, their_mem = [], [], None, None
             for _ in range(args.repeats):  # alternate, so that drift of the machine hits both alike
@@ -278,7 +286,8 @@ def main(args):
             peak = module.gpu_peak_tflops(device, precision)
             mfu = flops * statistics.median(mine) / (peak * 1e12) if peak else None
             length = statistics.mean(t.shape[-1] for t in batch[1])  # text positions run, mean over the batches
-            record = {"model": preset, "batch_size": batch_size, "precision": precision, "text_length": length,
+            record = {"model": preset, "batch_size": batch_size, "accum_steps": args.accum_steps,
+                      "precision": precision, "text_length": length,
                       "samples_per_s": statistics.median(mine), "mfu": mfu, "peak_mem_gib": mem,
                       "samples_per_s_each": mine}
             row = (f"{preset:<10}{batch_size:>6}{precision:>10}{length:>7.1f}{statistics.median(mine):>10.1f}"

@@ -45,7 +45,7 @@ def train_steps(name, flags, steps=3, batch_size=8, precision="fp32", compile_ba
     raw_model, optimizer, scaler = module.build_training(args, device, precision)
     torch.manual_seed(args.seed + rank)
     _, autocast = module.mixed_precision(args, device)
-    if ddp or (ddp is None and world_size > 1):
+    if ddp or (ddp is None and world_size > 1 and args.accum_steps == 1):  # gradient caching all-reduces itself
         device_ids = [device.index] if device.type == "cuda" else None
         model = torch.nn.parallel.DistributedDataParallel(raw_model, device_ids=device_ids)
     else:

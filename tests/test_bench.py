@@ -65,3 +65,11 @@ def test_compare_openclip_ends_with_the_median_ratio(capsys, tmp_path):
     assert record["ratio"] == pytest.approx(record["samples_per_s"] / record["openclip_samples_per_s"])  # 1 repeat
     assert float(row[-1]) == round(record["ratio"], 2) and float(row[7]) == round(record["openclip_samples_per_s"], 1)
     assert printed[-2] == f"ratio ours/openclip: {record['ratio']:.2f}"
+
+
+def test_accum_steps_times_the_whole_step(tmp_path):
+    out = tmp_path / "results.json"
+    bench.main(bench.parse_args(["--model", "tiny", "--batch-size", "4", "--accum-steps", "2", "--steps", "1",
+                                 "--warmup", "1", "--repeats", "1", "--device", "cpu", "--out", str(out)]))
+    record = json.loads(out.read_text())["rows"][0]
+    assert (record["batch_size"], record["accum_steps"]) == (4, 2) and record["samples_per_s"] > 0
