@@ -85,3 +85,26 @@ def test_inductor_compile_through_main(tmp_path):
         with open(os.path.join(out, "log.jsonl")) as f:
             logs[mode] = [json.loads(line)["loss"] for line in f if '"loss"' in line]
     assert len(logs["eager"]) == 3 and logs["compile"] == pytest.approx(logs["eager"], rel=1e-4)
+
+
+def test_compiled_towers_and_heads_with_gradient_caching(tmp_path, monkeypatch):
+    """--compile --accum-steps 2 compiles the towers and the heads separately (gradient caching calls them
+    itself): through main(), the same losses as eager (aot_eager here; inductor ran it too, see the README)."""
+    import functools
+
+    import clip
+
+    one_layer_towers(clip)
+    torch._dynamo.reset()
+    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="aot_eager"))
+    logs = {}
+    for mode in ("eager", "compile"):
+        out = str(tmp_path / mode)
+        torch._dynamo.utils.counters.clear()
+        clip.main(clip.parse_args(["--ssl", "barlow", "--steps", "3", "--batch-size", "4", "--accum-steps", "2",
+                                   "--warmup", "1", "--workers", "0", "--log-every", "1", "--eval-dataset", "none",
+                                   "--out-dir", out] + (["--compile"] if mode == "compile" else [])))
+        with open(os.path.join(out, "log.jsonl")) as f:
+            logs[mode] = [json.loads(line)["loss"] for line in f if '"loss"' in line]
+    assert len(logs["eager"]) == 3 and logs["compile"] == pytest.approx(logs["eager"], rel=1e-5)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 2  # the towers' and the heads' graphs
