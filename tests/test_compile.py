@@ -89,7 +89,7 @@ def test_inductor_compile_through_main(tmp_path):
 
 def test_compiled_towers_and_heads_with_gradient_caching(tmp_path, monkeypatch):
     """--compile --accum-steps 2 compiles the towers and the heads separately (gradient caching calls them
-    itself): through main(), the same losses as eager (aot_eager here; inductor ran it too, see the README)."""
+    itself): through main(), the same losses as eager."""
     import functools
 
     import clip
