@@ -7,6 +7,7 @@ data loading is counted, and prints samples/s per process, MFU and peak memory f
   python bench.py --model ViT-B/16 --batch-size 256 --device cuda --compile --compare-openclip
   python bench.py --method xclip --model tiny --batch-size 64 128 256
   python bench.py --loader                                   # + the real loader; decode+augment images/s
+  python bench.py --model tiny --batch-size 128 --accum-steps 2     # gradient caching: 2 x 128 pairs a step
 
 The steps go through TOKEN_BATCHES token batches in turn, whose captions have realistic lengths by default
 (--captions cc3m, see CAPTION_MEAN below): our text tower runs up to each batch's last end-of-text token, as
@@ -69,8 +70,12 @@ def parse_args(argv=None):
                         "the context, the text tower's worst case)")
     p.add_argument("--compare-openclip", action="store_true")
     p.add_argument("--loader", action="store_true", help="also time with the real loader, and JPEG decode+augment")
+    p.add_argument("--accum-steps", type=int, default=1, metavar="K",
+                   help="gradient caching: each step takes K micro-batches of --batch-size (samples/s counts all "
+                        "K x batch-size pairs; OpenCLIP, if compared, gets the K x batch-size batch in one piece)")
     p.add_argument("--extra", default="", help="more flags for the method file, e.g. '--recipe improved'")
-    p.add_argument("--out", default=None, help="also write every number to this JSON file")
+    p.add_argument("--out", default=None, metavar="RESULTS.json",
+                   help="also write every number printed (unrounded), with the machine and versions, to this file")
     return p.parse_args(argv)
 
 
@@ -129,8 +134,9 @@ def ours(method, preset, batch_size, device, args):
     module = importlib.import_module(method)
     flags = ["--model", preset, "--device", device.type] + (["--precision", args.precision] if args.precision else [])
     flags += (["--grad-checkpointing"] if args.grad_checkpointing else []) + (["--compile"] if args.compile else [])
-    flags += args.extra.split()
+    flags += ["--accum-steps", str(args.accum_steps)] + args.extra.split()
     train_args = module.parse_args(flags)
+    batch_size *= train_args.accum_steps  # a step's samples
     precision, autocast = module.mixed_precision(train_args, device)
     raw_model, optimizer, scaler = module.build_training(train_args, device, precision)
     model = torch.compile(raw_model) if args.compile else raw_model
@@ -142,7 +148,8 @@ def ours(method, preset, batch_size, device, args):
     def step(b):  # b: (images, token batches), one token batch after the other
         text = b[1][next(steps) % len(b[1])]
         module.train_step(model, raw_model, optimizer, scaler, b[0], text, train_args, autocast, precision)
-    flops = statistics.mean(raw_model.flops_per_sample(text_length=t.shape[-1]) for t in batch[1])
+    flops = statistics.mean(raw_model.flops_per_sample(t.shape[-1], recompute=train_args.accum_steps > 1)
+                            for t in batch[1])
     return step, batch, flops, precision, module, train_args, tokens
 
 
@@ -279,17 +286,22 @@ def main(args):
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     presets = args.model or ["tiny", "ViT-B/32"]
-    print(f"bench: {args.method}.py on {torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'} "
-          f"({os.cpu_count()} CPUs, {torch.get_num_threads()} threads), torch {torch.__version__}, "
-          f"{args.steps} steps x {args.repeats}, {args.captions} caption lengths")
+    results = {"method": args.method, "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+               "cpus": os.cpu_count(), "threads": torch.get_num_threads(), "torch": torch.__version__,
+               "steps": args.steps, "repeats": args.repeats, "captions": args.captions, "compile": args.compile,
+               "extra": args.extra, "rows": []}
+    print(f"bench: {args.method}.py on {results['device']} ({os.cpu_count()} CPUs, {torch.get_num_threads()} threads), "
+          f"torch {torch.__version__}, {args.steps} steps x {args.repeats}, {args.captions} caption lengths"
+          + (f", {args.accum_steps} micro-batches of `batch` per step" if args.accum_steps > 1 else ""))
     print(f"{'model':<10}{'batch':>6}{'precision':>10}{'tokens':>7}{'ours/s':>10}{'MFU':>7}{'mem GiB':>9}"
           f"{'openclip/s':>12}{'mem GiB':>9}{'ratio':>7}")
-    ratios, results = [], {"device": str(device), "cpus": os.cpu_count(), "torch": torch.__version__, "steps": []}
+    ratios = []
     for preset in presets:
         for batch_size in args.batch_size or [256 if preset == "tiny" else 16]:
             step, batch, flops, precision, module, train_args, tokens = ours(args.method, preset, batch_size, device,
                                                                              args)
-            other = (openclip(module, preset, batch_size, device, precision, args, [t[:, 0] for t in tokens])
+            other = (openclip(module, preset, batch_size * args.accum_steps, device, precision, args,
+                              [t[:, 0] for t in tokens])
                      if args.compare_openclip else None)
             mine, theirs, mem, their_mem = [], [], None, None
             for _ in range(args.repeats):  # alternate, so that drift of the machine hits both alike
@@ -299,19 +311,23 @@ def main(args):
                     rate, their_mem = measure(other[0], other[1], args.steps, args.warmup, device)
                     theirs.append(rate)
             peak = module.gpu_peak_tflops(device, precision)
-            mfu = f"{flops * statistics.median(mine) / (peak * 1e12):.1%}" if peak else "-"
+            mfu = flops * statistics.median(mine) / (peak * 1e12) if peak else None
             length = statistics.mean(t.shape[-1] for t in batch[1])  # text positions run, mean over the batches
-            row = (f"{preset:<10}{batch_size:>6}{precision:>10}{length:>7.1f}"
-                   f"{statistics.median(mine):>10.1f}{mfu:>7}{mem if mem is not None else '-':>9}")
+            record = {"model": preset, "batch_size": batch_size, "accum_steps": args.accum_steps,
+                      "precision": precision, "text_length": length,
+                      "samples_per_s": statistics.median(mine), "mfu": mfu, "peak_mem_gib": mem,
+                      "samples_per_s_each": mine}
+            row = (f"{preset:<10}{batch_size:>6}{precision:>10}{length:>7.1f}{statistics.median(mine):>10.1f}"
+                   f"{f'{mfu:.1%}' if mfu is not None else '-':>7}{f'{mem:.2f}' if mem is not None else '-':>9}")
             if other:
-                ratio = statistics.median(a / b for a, b in zip(mine, theirs))
+                ratio = statistics.median(a / b for a, b in zip(mine, theirs))  # per repeat, then the median
                 ratios.append(ratio)
-                row += (f"{statistics.median(theirs):>12.1f}{their_mem if their_mem is not None else '-':>9}"
-                        f"{ratio:>7.2f}")
+                record.update(openclip_samples_per_s=statistics.median(theirs), openclip_peak_mem_gib=their_mem,
+                              openclip_samples_per_s_each=theirs, ratio=ratio, openclip_version=other[2])
+                row += (f"{statistics.median(theirs):>12.1f}"
+                        f"{f'{their_mem:.2f}' if their_mem is not None else '-':>9}{ratio:>7.2f}")
+            results["rows"].append(record)
             print(row, flush=True)
-            results["steps"].append({"model": preset, "batch": batch_size, "precision": precision, "tokens": length,
-                                     "samples_per_s": statistics.median(mine), "mfu": mfu, "peak_mem_gib": mem,
-                                     "openclip_samples_per_s": statistics.median(theirs) if other else None})
             del step, batch, other, tokens
             if device.type == "cuda":
                 torch.cuda.empty_cache()
@@ -343,8 +359,9 @@ def main(args):
         print(f"with the real loader ({preset}, synthetic data, batch {batch_size}): "
               f"{args.steps * batch_size / elapsed:.1f} samples/s, "
               f"data time {waited / args.steps * 1000:.1f} ms/step ({waited / elapsed:.0%} of the step)")
-        results["real_loader"] = {"model": preset, "batch": batch_size, "data_ms_per_step": waited / args.steps * 1000,
-                                  "samples_per_s": args.steps * batch_size / elapsed}
+        results["real_loader"] = {"model": preset, "batch_size": batch_size,
+                                  "samples_per_s": args.steps * batch_size / elapsed,
+                                  "data_time_ms_per_step": waited / args.steps * 1000}
         results["decode_augment"] = []
         for name, views, rate, ms in decode_bench(device):
             print(f"decode + augment, 224 px JPEG from a tar shard, one process: {rate:.0f} samples/s ({name}, "
@@ -359,14 +376,15 @@ def main(args):
         for name, workers, rate in loader_bench([1, 2]):
             print(f"loader alone, {name}, CLIP view, {workers} worker{'s' if workers > 1 else ''}: "
                   f"{rate:.0f} samples/s")
-            results["loader_alone"].append({"source": name, "workers": workers, "samples_per_s": rate})
+            results["loader_alone"].append({"data": name, "workers": workers, "samples_per_s": rate})
     if ratios:
-        print(f"ratio ours/openclip: {statistics.median(ratios):.2f}")
-        results["ratio_ours_openclip"] = statistics.median(ratios)
+        results["ratio"] = statistics.median(ratios)
+        print(f"ratio ours/openclip: {results['ratio']:.2f}")
     if args.out:
         with open(args.out, "w") as f:
             json.dump(results, f, indent=1)
         print(f"wrote {args.out}")
+    return results
 
 
 if __name__ == "__main__":

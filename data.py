@@ -17,15 +17,18 @@ Unreadable samples (corrupt or truncated image, missing file, empty or undecodab
 missing shard) are skipped and counted; a source where most samples fail stops with a clear error.
 """
 
+import atexit
 import csv
 import io
 import math
+import multiprocessing
 import os
 import random
 import re
 import signal
 import sys
 import tarfile
+import weakref
 
 import torch
 from PIL import Image, ImageDraw
@@ -526,14 +529,27 @@ class Loader:
     def __init__(self, dataloader, steps_per_epoch, start_step, stream_state=None):
         self.dataloader, self.steps_per_epoch = dataloader, steps_per_epoch
         self.step, self.skipped, self.streams = start_step, 0, dict(stream_state or {})
+        self.batches = None
+        LIVE_LOADERS.add(self)
 
     def __iter__(self):
+        self.close()
+        self.batches = self.generate()
+        return self.batches
+
+    def generate(self):
         for images, tokens, params, skipped, stream, epoch, position in self.dataloader:
             self.skipped += int(skipped.sum())
             if stream[-1] >= 0:
                 self.streams[int(stream[-1])] = (int(epoch[-1]), int(position[-1]))
             self.step += 1
             yield images, tokens, params
+
+    def close(self):
+        """Shut the loader workers down now (closing the generator frees PyTorch's iterator, which stops them)."""
+        if self.batches is not None:
+            self.batches.close()
+            self.batches = None
 
     def state_dict(self):
         return {"step": self.step, "streams": {str(k): list(v) for k, v in self.streams.items()},
@@ -597,6 +613,22 @@ def ignore_stop_signals(worker_id=None):
     whose main process is killed still exit: PyTorch's workers watch their parent."""
     for s in STOP_SIGNALS:
         signal.signal(s, signal.SIG_IGN)
+
+
+LIVE_LOADERS = weakref.WeakSet()
+
+
+@atexit.register  # registered after multiprocessing's own exit handler (imported above), so it runs before it
+def end_workers_at_exit():
+    """At exit, multiprocessing stops its daemonic children (loader workers) with SIGTERM and joins them. Our
+    workers ignore SIGTERM, so one still alive then (its loader was left mid-epoch: the training loader always
+    is, and a traceback can hold one) would keep the process waiting forever: shut the loaders down first, and
+    kill what is left."""
+    for loader in list(LIVE_LOADERS):
+        loader.close()
+    for child in multiprocessing.active_children():
+        if child.daemon:
+            child.kill()
 
 
 def build_loader(spec, batch_size, image_views, text_views, *, rank=0, world_size=1, workers=0, seed=0,

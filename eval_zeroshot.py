@@ -415,6 +415,14 @@ def load_model(path, device):
     return model.to(device).eval(), module, train_args, ckpt.get("step")
 
 
+def default_precision(device):
+    """fp32 on CPU; on a GPU bf16 where its tensor cores run it (compute capability 8.0 and newer: A100, H100,
+    L4, ...), else fp16 (V100, T4: torch.cuda.is_bf16_supported() says yes there, for a slow emulation)."""
+    if device.type != "cuda":
+        return "fp32"
+    return "bf16" if torch.cuda.get_device_capability(device) >= (8, 0) else "fp16"
+
+
 # ---------------------------------------------------------------------------------------------------
 # Command line
 
@@ -491,7 +499,7 @@ def evaluate(args, device, rank=0, world_size=1):
                                               torch.linspace(0, len(probe_train) - 1, k).round().long().tolist())
 
     cuda = device.type == "cuda"
-    precision = args.precision or ("bf16" if cuda and torch.cuda.is_bf16_supported() else "fp16" if cuda else "fp32")
+    precision = args.precision or default_precision(device)
     autocast = (torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
                 if precision != "fp32" else nullcontext())
     workers = (args.workers if args.workers is not None

@@ -63,6 +63,7 @@ import json
 import math
 import os
 import platform
+import re
 import resource
 import signal
 import time
@@ -110,8 +111,14 @@ class NCLIP(nn.Module):
         self.text_head = PrototypeHead(cfg["text_width"], head_hidden, head_bottleneck, prototypes)
 
     def forward(self, images, tokens):  # images [B, V, 3, H, W], tokens [B, T, L]; nCLIP uses view 0 of each
-        return {"image_scores": self.image_head(self.visual(images[:, 0])),  # [B, K]
-                "text_scores": self.text_head(self.text(tokens[:, 0]))}  # [B, K]
+        return self.heads(self.towers(images, tokens))
+
+    def towers(self, images, tokens, teacher=True):  # what gradient caching (--accum-steps) runs per micro-batch
+        return {"image": self.visual(images[:, 0]), "text": self.text(tokens[:, 0])}  # [B, Cv], [B, Ct]
+
+    def heads(self, features):
+        return {"image_scores": self.image_head(features["image"]),  # [B, K]
+                "text_scores": self.text_head(features["text"])}  # [B, K]
 
     def after_step(self, applied):
         pass  # no temperature to clamp, no teacher or running statistics to update
@@ -121,11 +128,12 @@ class NCLIP(nn.Module):
         return {"nclip": (lambda x: sqrt_distribution(self.image_head(self.visual(x)), self.student_temp),
                           lambda t: sqrt_distribution(self.text_head(self.text(t)), self.student_temp))}
 
-    def flops_per_sample(self, text_length=None):
+    def flops_per_sample(self, text_length=None, recompute=False):
         """Training FLOPs per pair: forward + backward (2x forward) of the towers and heads, captions run on
-        text_length tokens (default: the full context)."""
+        text_length tokens (default: the full context); gradient caching (recompute=True) runs the towers twice."""
+        towers = self.visual.flops() + self.text.flops(text_length)
         heads = self.image_head.flops() + self.text_head.flops()
-        return 3 * (self.visual.flops() + self.text.flops(text_length) + heads)
+        return 3 * (towers + heads) + (towers if recompute else 0)
 
 
 def build_model(args):
@@ -311,6 +319,12 @@ def common_args(parser):
     g.add_argument("--batch-size", type=int, default=256,
                    help="per process; the contrastive batch is batch-size x world size. Larger batches give more "
                         "negatives, which helps contrastive losses; scale --lr with it")
+    g.add_argument("--accum-steps", type=int, default=1, metavar="K",
+                   help="gradient caching (Gao et al. 2021): each step takes K micro-batches of --batch-size per "
+                        "process, runs the towers on them one at a time, the heads and the loss once on all of "
+                        "them: the gradient of one step on K x batch-size x world size pairs (every pair a "
+                        "negative of every other), with the towers' activation memory of one micro-batch, for "
+                        "one more tower forward. Use it when --grad-checkpointing still leaves the batch too small")
     g.add_argument("--steps", type=int, default=None,
                    help="optimizer steps (default: --epochs x steps per epoch, or 600 if neither is given)")
     g.add_argument("--epochs", type=float, default=None, help="passes over the data (sets --steps when that is unset)")
@@ -332,8 +346,8 @@ def common_args(parser):
     g = parser.add_argument_group("system")
     g.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: cuda if available)")
     g.add_argument("--precision", default=None, choices=["bf16", "fp16", "fp32"],
-                   help="autocast dtype (default: bf16 on GPUs that support it, fp16 on older GPUs, fp32 on CPU); "
-                        "fp16 uses a dynamic loss scale")
+                   help="autocast dtype (default: bf16 on GPUs with compute capability 8.0 or newer (A100, H100, "
+                        "L4, ...), fp16 on older GPUs (V100, T4), fp32 on CPU); fp16 uses a dynamic loss scale")
     g.add_argument("--compile", action="store_true",
                    help="torch.compile the model: slower start (a minute or more), faster steps")
     g.add_argument("--seed", type=int, default=0, help="seeds initialisation, data order and augmentations")
@@ -380,8 +394,8 @@ def common_args(parser):
 
 def check_common_args(args, parser):
     """Refuse impossible values before any work, naming the flag."""
-    for flag, low in (("batch_size", 1), ("steps", 1), ("log_every", 1), ("save_every", 0), ("eval_every", 0),
-                      ("warmup", 0), ("workers", 0), ("eval_samples", 1), ("max_bad_steps", 1),
+    for flag, low in (("batch_size", 1), ("accum_steps", 1), ("steps", 1), ("log_every", 1), ("save_every", 0),
+                      ("eval_every", 0), ("warmup", 0), ("workers", 0), ("eval_samples", 1), ("max_bad_steps", 1),
                       ("train_num_samples", 1), ("keep_every", 0)):
         if getattr(args, flag) is not None and getattr(args, flag) < low:
             parser.error(f"--{flag.replace('_', '-')} must be at least {low}, got {getattr(args, flag)}")
@@ -591,8 +605,14 @@ def print0(*args, **kwargs):
         print(*args, **kwargs, flush=True)
 
 
-# Dense bf16/fp16 peak TFLOP/s by GPU name, for the MFU column.
-GPU_PEAK_TFLOPS = {"H100": 989, "H200": 989, "A100": 312, "L40S": 362, "A10G": 70, "L4": 121, "V100": 125}
+# Dense peak TFLOP/s for the MFU column, from NVIDIA's data sheets (without sparsity): (pattern matched on
+# torch.cuda.get_device_name, 16-bit tensor cores (bf16; fp16 on V100/T4), fp32 matmuls (TF32 from Ampere on)).
+# The first match wins, so each exact part comes before its family: an H100 PCIe or NVL is not an H100 SXM.
+GPU_PEAK_TFLOPS = [
+    (r"H100.*(PCIe|PCIE)", 756, 378), (r"H100 NVL", 835, 417.5), (r"H200 NVL", 835, 417.5),
+    (r"H100|H200|GH200", 989, 494.5), (r"A100", 312, 156), (r"A10G", 70, 35), (r"L40S", 362, 183),
+    (r"L40\b", 181, 90.5), (r"L4\b", 121, 60), (r"V100", 125, 15.7), (r"T4\b", 65, 8.1),
+]
 DEFAULT_STEPS = 600
 STOP_CHECK_EVERY = 10  # steps between the ranks' agreement on stopping (one tiny all-reduce, read on the host)
 
@@ -715,6 +735,12 @@ def rng_state(device):
     return {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
 
 
+def set_rng_state(state, device):
+    torch.set_rng_state(state["cpu"])
+    if device.type == "cuda" and state["cuda"] is not None:
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
 def all_gather_object(obj):
     if get_world_size() == 1:
         return [obj]
@@ -835,20 +861,24 @@ def evaluate(raw_model, eval_sets, args, device, autocast, workers=0):
 
 
 def mixed_precision(args, device):
-    """-> (precision, autocast context): bf16 on GPUs that support it, fp16 on older GPUs, fp32 on CPU."""
-    cuda = device.type == "cuda"
-    precision = args.precision or ("bf16" if cuda and torch.cuda.is_bf16_supported() else "fp16" if cuda else "fp32")
+    """-> (precision, autocast context). Default: fp32 on CPU; on a GPU bf16 where its tensor cores run it
+    (compute capability 8.0 and newer), else fp16 with a dynamic loss scale (V100 and T4 emulate bf16, slowly,
+    though torch.cuda.is_bf16_supported() says yes)."""
+    precision = args.precision or eval_zeroshot.default_precision(device)
+    if precision == "bf16" and device.type == "cuda" and torch.cuda.get_device_capability(device) < (8, 0):
+        print0(f"note: {torch.cuda.get_device_name(device)} has no bf16 tensor cores: --precision fp16 is faster")
     if precision == "fp32":
         return precision, nullcontext()
     return precision, torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
 
 
 def gpu_peak_tflops(device, precision):
-    """The GPU's dense peak for MFU (fp32 runs matmuls as TF32: half the bf16 rate); None on CPU or unknown GPUs."""
+    """The GPU's dense peak for MFU in this precision (GPU_PEAK_TFLOPS); None on CPU or unknown GPUs."""
     if device.type != "cuda":
         return None
-    dense = next((v for k, v in GPU_PEAK_TFLOPS.items() if k in torch.cuda.get_device_name(device)), None)
-    return dense / 2 if dense and precision == "fp32" else dense
+    name = torch.cuda.get_device_name(device)
+    peaks = next((peaks for pattern, *peaks in GPU_PEAK_TFLOPS if re.search(pattern, name)), None)
+    return None if peaks is None else peaks[1] if precision == "fp32" else peaks[0]
 
 
 def build_training(args, device, precision):
@@ -870,10 +900,13 @@ def train_step(model, raw_model, optimizer, scaler, images, tokens, args, autoca
     """One optimizer step (bench.py times this very function). -> (loss, logs), still on the device."""
     if args.compile:  # batches differ in text length (data.trim_tokens): one graph for all, not a static one first
         torch._dynamo.maybe_mark_dynamic(tokens, tokens.dim() - 1)  # measured: 1 compile instead of 2
-    with autocast:
-        out = model(images, tokens)
-    loss, logs = compute_loss(out, args)  # outside autocast: the loss runs in fp32
-    scaler.scale(loss).backward()
+    if args.accum_steps > 1:
+        loss, logs = cached_gradient(raw_model, images, tokens, args, autocast, scaler)
+    else:
+        with autocast:
+            out = model(images, tokens)
+        loss, logs = compute_loss(out, args)  # outside autocast: the loss runs in fp32
+        scaler.scale(loss).backward()
     scaler.unscale_(optimizer)  # also finds inf/NaN gradients (after DDP's all-reduce: the same on every rank)
     found_inf = sum(scaler._per_optimizer_states[id(optimizer)]["found_inf_per_device"].values())  # 0 or 1
     if args.grad_clip > 0:
@@ -884,6 +917,48 @@ def train_step(model, raw_model, optimizer, scaler, images, tokens, args, autoca
     applied = found_inf == 0  # on the device (no sync), and agreed by the ranks, whose gradients are all-reduced
     raw_model.after_step(applied)
     return loss, logs, applied
+
+
+def cached_gradient(raw_model, images, tokens, args, autocast, scaler):
+    """Gradient caching (Gao et al. 2021, arXiv:2101.06983): the gradient of the loss on the whole batch
+    (K = --accum-steps micro-batches), with one micro-batch of tower activations in memory at a time.
+      1. towers on each micro-batch without gradient: features f_k (and the random state before each);
+      2. heads and loss once on all features, with gradient: dL/dp for the heads' parameters, and
+         g_k = dL/df_k, kept (BatchNorm, Sinkhorn, the negatives: all see the whole batch, exactly);
+      3. each micro-batch through the towers again with gradient, the same random state (text dropout):
+         backward of f_k with g_k adds its share of dL/dp for the towers' parameters.
+    Ranks then average their gradients with one all-reduce (DDP's, by hand: its hooks expect one forward and
+    one backward per step). -> (loss, logs)"""
+    device = images.device
+    micro = list(zip(images.chunk(args.accum_steps), tokens.chunk(args.accum_steps)))
+    states, features = [], []
+    with torch.no_grad(), autocast:
+        for x, t in micro:
+            states.append(rng_state(device))
+            features.append(raw_model.towers(x, t))
+    end_state = rng_state(device)
+    whole = {k: torch.cat([f[k] for f in features]).requires_grad_() for k in features[0]}  # [K * b, ...] each
+    with autocast:
+        out = raw_model.heads(whole)
+    loss, logs = compute_loss(out, args)
+    scaler.scale(loss).backward()
+    start = 0
+    for (x, t), state in zip(micro, states):
+        set_rng_state(state, device)
+        with autocast:
+            replayed = raw_model.towers(x, t, teacher=False)  # the BYOL teacher's towers need no second run
+        keys = [k for k in replayed if whole[k].grad is not None]
+        torch.autograd.backward([replayed[k] for k in keys], [whole[k].grad[start : start + len(x)] for k in keys])
+        start += len(x)
+    set_rng_state(end_state, device)
+    if get_world_size() > 1:
+        ignored = set(getattr(raw_model, "_ddp_params_and_buffers_to_ignore", ()))
+        grads = [p.grad for n, p in raw_model.named_parameters() if p.grad is not None and n not in ignored]
+        flat = torch.cat([g.flatten() for g in grads]) / get_world_size()
+        dist.all_reduce(flat)
+        for g, new in zip(grads, flat.split([g.numel() for g in grads])):
+            g.copy_(new.view_as(g))
+    return loss, logs
 
 
 def train(args, device, rank, world_size, stop):
@@ -913,9 +988,7 @@ def train(args, device, rank, world_size, stop):
         scaler.load_state_dict(ckpt["scaler"])
         start_step = ckpt["step"]
         if len(ckpt["rng"]) == world_size:
-            torch.set_rng_state(ckpt["rng"][rank]["cpu"])
-            if cuda and ckpt["rng"][rank]["cuda"] is not None:
-                torch.cuda.set_rng_state(ckpt["rng"][rank]["cuda"], device)
+            set_rng_state(ckpt["rng"][rank], device)
             data_state = ckpt["data"][rank]
         else:
             print0(f"note: the checkpoint was written by {len(ckpt['rng'])} ranks, not {world_size}: random state and "
@@ -925,16 +998,22 @@ def train(args, device, rank, world_size, stop):
 
     image_views, text_views = train_views(args)
     loader = data.build_loader(
-        args.data, args.batch_size, image_views, text_views, rank=rank, world_size=world_size, workers=workers,
+        args.data, args.batch_size * args.accum_steps, image_views, text_views, rank=rank, world_size=world_size,
+        workers=workers,
         seed=args.seed, context_length=PRESETS[args.model]["context_length"],
         image_size=PRESETS[args.model]["image_size"], start_step=start_step, state=data_state, pin_memory=cuda,
         csv_img_key=args.csv_img_key, csv_caption_key=args.csv_caption_key, csv_separator=args.csv_separator,
         num_samples=args.train_num_samples)
     total_steps = args.steps or (math.ceil(args.epochs * loader.steps_per_epoch) if args.epochs else DEFAULT_STEPS)
 
-    model = DDP(raw_model, device_ids=[device.index] if cuda else None) if world_size > 1 else raw_model
-    if args.compile:
-        model = torch.compile(model)
+    if args.accum_steps > 1:  # gradient caching calls the towers and the heads itself, and all-reduces by hand
+        model = raw_model
+        if args.compile:
+            raw_model.towers, raw_model.heads = torch.compile(raw_model.towers), torch.compile(raw_model.heads)
+    else:
+        model = DDP(raw_model, device_ids=[device.index] if cuda else None) if world_size > 1 else raw_model
+        if args.compile:
+            model = torch.compile(model)
     peak_tflops = args.peak_tflops or gpu_peak_tflops(device, precision)
     if rank == 0:
         run_info = {"method": METHOD, "args": vars(args), "world_size": world_size, "precision": precision,
@@ -945,11 +1024,12 @@ def train(args, device, rank, world_size, stop):
         with open(os.path.join(args.out_dir, "run.json"), "w") as f:
             json.dump(run_info, f, indent=1)
         open_curves(args, resumed=ckpt_path is not None)
-    batch = world_size * args.batch_size
+    batch = world_size * args.batch_size * args.accum_steps
+    accum = f" x {args.accum_steps} micro-batches (gradient caching)" if args.accum_steps > 1 else ""
     print0(f"{METHOD}: {args.model} on {args.data}: {total_steps} steps = {total_steps / loader.steps_per_epoch:.4g} "
            f"epochs of {loader.steps_per_epoch * batch} samples ({total_steps * batch} samples in all), global batch "
-           f"{batch} = {world_size} x {args.batch_size}; {precision} on {device.type}, {workers} loader workers "
-           f"per rank")
+           f"{batch} = {world_size} x {args.batch_size}{accum}; {precision} on {device.type}, {workers} loader "
+           f"workers per rank")
     print0(eval_plan(eval_sets, args))
     if args.keep_every:
         print0(f"keeping {args.out_dir}/ckpt_STEP.pt every {args.keep_every} steps besides the rolling ckpt.pt")
@@ -975,7 +1055,8 @@ def train(args, device, rank, world_size, stop):
         images, tokens = images.to(device, non_blocking=True), tokens.to(device, non_blocking=True)
         images = augment.on_device(images, params)  # fp32 [B, V, 3, H, W], augmented and normalised
         data_time += time.time() - t_data
-        flops += raw_model.flops_per_sample(text_length=tokens.shape[-1]) * len(tokens)  # at the captions' cut length
+        # at the captions' cut length; gradient caching runs the towers twice
+        flops += raw_model.flops_per_sample(tokens.shape[-1], recompute=args.accum_steps > 1) * len(tokens)
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step)
 
@@ -995,7 +1076,7 @@ def train(args, device, rank, world_size, stop):
                 dist.all_reduce(totals)
             totals, elapsed = totals.tolist(), time.time() - t_log
             good = max(1, n_sum * world_size - int(totals[-2]))  # finite steps of all ranks
-            samples_per_s = n_sum * args.batch_size / elapsed
+            samples_per_s = n_sum * args.batch_size * args.accum_steps / elapsed
             record = {"step": done, **{k: totals[i] / good for i, k in enumerate(keys)}, "lr": lr_at(step)}
             record["samples_per_s_per_gpu"] = samples_per_s
             record["data_time"] = data_time / n_sum

@@ -334,3 +334,16 @@ def test_resuming_a_tar_stream_with_another_worker_count_is_refused(tmp_path):
     with pytest.raises(SystemExit, match="resume with --workers 2"):
         data.build_loader(spec, 2, *views, workers=1, context_length=8, start_step=1, state=state)
     data.build_loader(spec, 2, *views, workers=2, context_length=8, start_step=1, state=state)  # same count: fine
+
+
+def test_a_process_left_holding_a_loader_mid_epoch_still_exits():
+    """Loader workers ignore SIGTERM (they must survive a signal to the process group), and multiprocessing
+    stops daemonic children at exit with SIGTERM, then joins them: a loader left mid-epoch (the training
+    loader always is) used to make the process wait forever after its last line (the suite did, on CI)."""
+    script = ("import augment, data\n"
+              "loader = data.build_loader('synthetic', 8, [augment.CLIPView(32)], [augment.TextView()], workers=2,\n"
+              "                           context_length=20, image_size=32)\n"
+              "batches = iter(loader); next(batches)\n"
+              "print('done', flush=True)\n")
+    result = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0 and result.stdout == "done\n" and "Error" not in result.stderr, result.stderr
