@@ -1,6 +1,7 @@
 """Every method and option as (method file, flags), and a few deterministic steps of each: the cases of the
 mixed-precision, torch.compile and gradient-caching tests."""
 
+import contextlib
 import importlib
 
 import torch
@@ -13,9 +14,16 @@ CASES = ([("clip", []), ("clip", ["--recipe", "improved"])]
 IDS = [" ".join([name] + flags) for name, flags in CASES]
 
 
+@contextlib.contextmanager
 def one_layer_towers(module):
-    """The tiny preset with one block per tower: what compiles is the same code, in a fraction of the time."""
-    module.PRESETS["tiny"] = dict(module.PRESETS["tiny"], vision_layers=1, text_layers=1)
+    """Within it, the tiny preset has one block per tower: what compiles is the same code, in a fraction of the
+    time. The preset is restored after, so later tests (and the checkpoints they write) see the real one."""
+    tiny = module.PRESETS["tiny"]
+    module.PRESETS["tiny"] = dict(tiny, vision_layers=1, text_layers=1)
+    try:
+        yield
+    finally:
+        module.PRESETS["tiny"] = tiny
 
 
 def make_batch(args, module, step, batch_size, rank=0, world_size=1):

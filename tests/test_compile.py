@@ -16,11 +16,11 @@ from distributed import run_distributed
 
 def compiled_and_eager(name, flags, backend, rank=0, world_size=1):
     """Losses and weights after 2 steps, eager and compiled, and the compiled run's graph breaks and graphs."""
-    one_layer_towers(importlib.import_module(name))
-    eager = train_steps(name, flags, steps=2, rank=rank, world_size=world_size)
-    torch._dynamo.reset()  # each case compiles afresh (CLIP.forward is one code object for every option)
-    torch._dynamo.utils.counters.clear()
-    compiled = train_steps(name, flags, steps=2, compile_backend=backend, rank=rank, world_size=world_size)
+    with one_layer_towers(importlib.import_module(name)):
+        eager = train_steps(name, flags, steps=2, rank=rank, world_size=world_size)
+        torch._dynamo.reset()  # each case compiles afresh (CLIP.forward is one code object for every option)
+        torch._dynamo.utils.counters.clear()
+        compiled = train_steps(name, flags, steps=2, compile_backend=backend, rank=rank, world_size=world_size)
     counters = torch._dynamo.utils.counters
     return eager, compiled, sum(counters["graph_break"].values()), counters["stats"]["unique_graphs"], \
         list(counters["graph_break"])
@@ -73,15 +73,14 @@ def test_inductor_compile_through_main(tmp_path):
     eager run's. BarLIP's heads: BatchNorm with all-reduce in the graph, running statistics in place."""
     import clip
 
-    one_layer_towers(clip)
-    torch._inductor.config.fallback_random = True  # eager's random numbers (text dropout), for equal losses
     torch._dynamo.reset()
     logs = {}
     for mode in ("eager", "compile"):
-        out = str(tmp_path / mode)
-        clip.main(clip.parse_args(["--ssl", "barlow", "--steps", "3", "--batch-size", "8", "--warmup", "1",
-                                   "--workers", "0", "--log-every", "1", "--eval-dataset", "none", "--out-dir", out]
-                                  + (["--compile"] if mode == "compile" else [])))
+        out = str(tmp_path / mode)  # fallback_random: eager's random numbers (text dropout) in compiled code
+        with one_layer_towers(clip), torch._inductor.config.patch(fallback_random=True):
+            clip.main(clip.parse_args(["--ssl", "barlow", "--steps", "3", "--batch-size", "8", "--warmup", "1",
+                                       "--workers", "0", "--log-every", "1", "--eval-dataset", "none",
+                                       "--out-dir", out] + (["--compile"] if mode == "compile" else [])))
         with open(os.path.join(out, "log.jsonl")) as f:
             logs[mode] = [json.loads(line)["loss"] for line in f if '"loss"' in line]
     assert len(logs["eager"]) == 3 and logs["compile"] == pytest.approx(logs["eager"], rel=1e-4)
@@ -94,16 +93,16 @@ def test_compiled_towers_and_heads_with_gradient_caching(tmp_path, monkeypatch):
 
     import clip
 
-    one_layer_towers(clip)
     torch._dynamo.reset()
     monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="aot_eager"))
     logs = {}
     for mode in ("eager", "compile"):
         out = str(tmp_path / mode)
         torch._dynamo.utils.counters.clear()
-        clip.main(clip.parse_args(["--ssl", "barlow", "--steps", "3", "--batch-size", "4", "--accum-steps", "2",
-                                   "--warmup", "1", "--workers", "0", "--log-every", "1", "--eval-dataset", "none",
-                                   "--out-dir", out] + (["--compile"] if mode == "compile" else [])))
+        with one_layer_towers(clip):
+            clip.main(clip.parse_args(["--ssl", "barlow", "--steps", "3", "--batch-size", "4", "--accum-steps",
+                                       "2", "--warmup", "1", "--workers", "0", "--log-every", "1", "--eval-dataset",
+                                       "none", "--out-dir", out] + (["--compile"] if mode == "compile" else [])))
         with open(os.path.join(out, "log.jsonl")) as f:
             logs[mode] = [json.loads(line)["loss"] for line in f if '"loss"' in line]
     assert len(logs["eager"]) == 3 and logs["compile"] == pytest.approx(logs["eager"], rel=1e-5)

@@ -26,11 +26,15 @@ GPU_CASES = [("clip", []), ("clip", ["--recipe", "improved", "--ssl", "byol"]), 
 @pytest.mark.parametrize("name,flags", GPU_CASES, ids=[" ".join([n] + f) for n, f in GPU_CASES])
 def test_bf16_on_the_gpu_trains_close_to_fp32(name, flags, compiled):
     torch._dynamo.reset()
-    torch._inductor.config.fallback_random = True  # eager's random numbers (text dropout) in compiled code
+    tf32 = torch.backends.cuda.matmul.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = False  # the fp32 reference in full fp32
-    fp32, _ = train_steps(name, flags, precision="fp32", device="cuda")
+    try:
+        fp32, _ = train_steps(name, flags, precision="fp32", device="cuda")
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = tf32
     backend = "inductor" if compiled else None
-    bf16, _ = train_steps(name, flags, precision="bf16", device="cuda", compile_backend=backend)
+    with torch._inductor.config.patch(fallback_random=True):  # eager's random numbers in compiled code
+        bf16, _ = train_steps(name, flags, precision="bf16", device="cuda", compile_backend=backend)
     assert_close_to_fp32(fp32, bf16, name)
 
 
