@@ -638,8 +638,12 @@ def build_loader(spec, batch_size, image_views, text_views, *, rank=0, world_siz
     tar-shard pattern. `batch_size` is per rank. `num_samples` sets the epoch length of tar shards
     (default: counted from the tar headers). Returns a Loader with `.steps_per_epoch`."""
     kind = source_kind(spec)
+    # generator: a DataLoader draws its workers' base seed when an iterator starts, by default from torch's global
+    # RNG, which the training step's dropout uses and a checkpoint restores: a resumed run would draw it after the
+    # restore, shifting its dropout masks. Our views draw from (seed, epoch, sample) and never use that base seed.
     common = dict(batch_size=batch_size, num_workers=workers, pin_memory=pin_memory,
-                  prefetch_factor=4 if workers else None, collate_fn=collate, worker_init_fn=ignore_stop_signals)
+                  prefetch_factor=4 if workers else None, collate_fn=collate, worker_init_fn=ignore_stop_signals,
+                  generator=torch.Generator())
     if kind == "tar":
         urls = expand_braces(spec)
         present = [u for u in urls if os.path.exists(u)]

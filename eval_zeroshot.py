@@ -140,8 +140,11 @@ def encode_dataset(encoders, dataset, device, batch_size=256, workers=0, autocas
     if len(dataset) < world_size:
         raise ValueError(f"{len(dataset)} items cannot be shared by {world_size} ranks")
     shard = torch.utils.data.Subset(dataset, range(rank, len(dataset), world_size))
+    # generator: the base seed of the workers comes from it, not from torch's global RNG, which an evaluation
+    # during training must leave as it is (the run's dropout masks; a resumed run restores the RNG of its checkpoint)
     loader = torch.utils.data.DataLoader(shard, batch_size=batch_size, num_workers=workers, collate_fn=collate_fn,
-                                         worker_init_fn=data.ignore_stop_signals)  # a run's signal is for the run
+                                         worker_init_fn=data.ignore_stop_signals,  # a run's signal is for the run
+                                         generator=torch.Generator())
     features, labels = {name: [] for name in encoders}, []
     for inputs, y in loader:
         inputs = inputs.to(device, non_blocking=True)

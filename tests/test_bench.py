@@ -1,4 +1,5 @@
 """bench.py: every flag runs and prints numbers a reader can trust (samples counted, rows for each preset)."""
+import functools
 import json
 import re
 
@@ -41,15 +42,21 @@ def test_loader_bench_times_both_sources_for_each_worker_count():
     assert all(rate > 0 for _, _, rate in rows)
 
 
-def test_loader_flag_prints_the_loader_lines(capsys, monkeypatch):
+def test_loader_flag_prints_the_loader_lines(capsys, monkeypatch, tmp_path):
     monkeypatch.setattr(bench, "jpeg_shard",
                         lambda path, n=256, size=(320, 256), real=bench.jpeg_shard: real(path, n=min(n, 16), size=size))
+    monkeypatch.setattr(bench, "loader_bench", functools.partial(bench.loader_bench, batch_size=8, batches=4))
     bench.main(bench.parse_args(["--model", "tiny", "--batch-size", "8", "--steps", "2", "--warmup", "1",
-                                 "--repeats", "1", "--device", "cpu", "--loader"]))
+                                 "--repeats", "1", "--device", "cpu", "--loader", "--out", str(tmp_path / "r.json")]))
     out = capsys.readouterr().out
     assert len(rates(out, r"with the real loader .*: ([\d.]+) samples/s")) == 1
-    assert len(rates(out, r"decode \+ augment.*: ([\d.]+) samples/s")) == 2
+    assert len(rates(out, r"decode \+ augment.*: ([\d.]+) samples/s")) == 3
     assert len(rates(out, r"loader alone.*: ([\d.]+) samples/s")) == 4
+    with open(tmp_path / "r.json") as f:  # per recipe: the CPU part's samples/s, the device part's ms per batch
+        rows = json.load(f)["decode_augment"]
+    assert [(r["recipe"], r["image_views"]) for r in rows] == [("CLIP view", 1), ("improved recipe", 3),
+                                                               ("--ssl simclr", 3)]
+    assert all(r["cpu_samples_per_s"] > 0 and r["device_ms_per_batch_64"] > 0 for r in rows)
 
 
 def test_compare_openclip_ends_with_the_median_ratio(capsys, tmp_path):

@@ -83,7 +83,11 @@ def test_inductor_compile_through_main(tmp_path):
                                        "--out-dir", out] + (["--compile"] if mode == "compile" else [])))
         with open(os.path.join(out, "log.jsonl")) as f:
             logs[mode] = [json.loads(line)["loss"] for line in f if '"loss"' in line]
-    assert len(logs["eager"]) == 3 and logs["compile"] == pytest.approx(logs["eager"], rel=1e-4)
+    # The first loss (the same weights) agrees to float rounding. Later ones to 1%: inductor fuses and orders the
+    # float sums differently, and Adam's first updates are about lr x sign(gradient), so a gradient entry near zero
+    # whose sign differs moves its weight by 2 lr (measured: 0.3% at step 3 after an unrelated change of the graph).
+    assert len(logs["eager"]) == 3 and logs["compile"][0] == pytest.approx(logs["eager"][0], rel=1e-5)
+    assert logs["compile"] == pytest.approx(logs["eager"], rel=1e-2)
 
 
 def test_compiled_towers_and_heads_with_gradient_caching(tmp_path, monkeypatch):
