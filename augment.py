@@ -4,14 +4,14 @@ Every view is called as `view(x, rng)` where `rng` is a `random.Random` that the
 (seed, epoch, sample index, view index). No view touches a global random state, so a sample's views are the
 same in any DataLoader worker, on any rank, and after a resume.
 
-An image view is split in two. In the loader, per sample on the CPU: the geometry (random resized crop, resized
-to the final size, horizontal flip) and the draw of every random number of the view. A view returns the uint8
-image [3, H, W] (a quarter of the bytes of a float one on its way to the GPU) and its photometric parameters,
-P numbers (columns below; IDENTITY for a view that needs none), which travel with the batch as a float32
-tensor [B, V, P]. On the training device, batched: `on_device(images, params)` applies colour jitter,
-grayscale and Gaussian blur with each view's own parameters, in fp32, and normalises. Done per sample in PIL,
-those per-pixel ops (the HSV round trip of the hue above all) made one loader process 4-5x slower on the
-improved recipe's three views than on one CLIP view; now a view costs the CPU a crop and a resize.
+An image view is split in two. In the loader, per sample on the CPU: the random resized crop, resized to the
+final size, and the draw of every random number of the view. A view returns the uint8 image [3, H, W] (a quarter
+of the bytes of a float one on its way to the GPU) and its on-device parameters, P numbers (columns below;
+IDENTITY for a view that needs none), which travel with the batch as a float32 tensor [B, V, P]. On the training
+device, batched: `on_device(images, params)` applies colour jitter, grayscale, Gaussian blur and the horizontal
+flip with each view's own parameters, in fp32, and normalises. Done per sample in PIL, those per-pixel ops (the
+HSV round trip of the hue above all) made one loader process 4-5x slower on the improved recipe's three views
+than on one CLIP view; now a view costs the CPU a crop and a resize.
 
 Image views:
   CLIPView     random resized crop + resize: the CLIP training view (Radford et al. 2021 use a random
@@ -36,11 +36,11 @@ from PIL import Image
 MEAN = (0.48145466, 0.4578275, 0.40821073)
 STD = (0.26862954, 0.26130258, 0.27577711)
 
-# The photometric parameters of one view, one float32 row: the jitter factors of brightness, contrast and
+# The on-device parameters of one view, one float32 row: the jitter factors of brightness, contrast and
 # saturation and the hue shift (in turns), ORDER[k] = which of those four ops (0-3) runs k-th, grayscale (0/1),
-# blur sigma in pixels (0: no blur). IDENTITY changes nothing: the CLIP view, or a strong view without jitter.
-BRIGHTNESS, CONTRAST, SATURATION, HUE, ORDER, GRAY, SIGMA = 0, 1, 2, 3, 4, 8, 9
-IDENTITY = (1.0, 1.0, 1.0, 0.0, 0.0, 1.0, 2.0, 3.0, 0.0, 0.0)
+# blur sigma in pixels (0: no blur), horizontal flip (0/1). IDENTITY changes nothing: the CLIP view.
+BRIGHTNESS, CONTRAST, SATURATION, HUE, ORDER, GRAY, SIGMA, FLIP = 0, 1, 2, 3, 4, 8, 9, 10
+IDENTITY = (1.0, 1.0, 1.0, 0.0, 0.0, 1.0, 2.0, 3.0, 0.0, 0.0, 0.0)
 LUMA = (0.299, 0.587, 0.114)  # ITU-R 601-2 luma, as Pillow's convert("L")
 RATIO = (3 / 4, 4 / 3)  # aspect ratios of the random resized crops
 
@@ -57,14 +57,14 @@ def pixels(img):
     return torch.from_numpy(np.array(img if img.mode == "RGB" else img.convert("RGB"))).permute(2, 0, 1)
 
 
-def resized_crop(x, box, size, flip=False):
-    """uint8 [3, H, W] -> its `box` (left, top, right, bottom) resized to uint8 [3, size, size], contiguous, mirrored
-    left-right if `flip`. Bicubic with antialiasing: F.interpolate's antialiased path follows Pillow's resampling
+def resized_crop(x, box, size):
+    """uint8 [3, H, W] -> its `box` (left, top, right, bottom) resized to uint8 [3, size, size], contiguous.
+    Bicubic with antialiasing: F.interpolate's antialiased path follows Pillow's resampling
     (a = -0.5, support scaled when shrinking) and agrees with Image.resize(BICUBIC, box=box) to about one grey
     level, at about half of Pillow's time."""
     left, top, right, bottom = box
     crop = x[None, :, top:bottom, left:right]  # [1, 3, h, w], a view
-    crop = crop.flip(-1) if flip else crop.contiguous(memory_format=torch.channels_last)  # the one copy (flip: too)
+    crop = crop.contiguous(memory_format=torch.channels_last)  # the one copy
     return F.interpolate(crop, size=(size, size), mode="bicubic", antialias=True)[0]  # [3, size, size], channels last
 
 
@@ -142,7 +142,7 @@ class EvalView:
 
 
 class StrongView:
-    """The SimCLR-style strong view of Fini et al. 2023 (and SLIP's SimCLR views). Crop and flip here; colour
+    """The SimCLR-style strong view of Fini et al. 2023 (and SLIP's SimCLR views). The crop here; colour
     jitter (torchvision's ColorJitter(0.4, 0.4, 0.4, 0.1): factors uniform in [1 - x, 1 + x], hue shift in
     [-0.1, 0.1] turns, the four ops in random order), grayscale and blur drawn here, applied by on_device."""
 
@@ -165,9 +165,8 @@ class StrongView:
         params[GRAY] = float(rng.random() < self.gray_p)
         if rng.random() < self.blur_p:
             params[SIGMA] = rng.uniform(*self.sigma)
-        # The flip is geometry, done here with the crop, where it is nearly free (a copy is made anyway); it
-        # commutes with every op of on_device (per-pixel ops, an image mean, a symmetric kernel, mirrored padding).
-        return resized_crop(x, box, self.size, flip=rng.random() < self.flip_p), tuple(params)
+        params[FLIP] = float(rng.random() < self.flip_p)
+        return resized_crop(x, box, self.size), tuple(params)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -223,8 +222,8 @@ def gaussian_blur(x, sigma, radius):
 def on_device(images, params):
     """uint8 images [..., 3, H, W] on the training device, their views' params [..., P] as the loader made them
     (on the CPU) -> float32 images [..., 3, H, W]: colour jitter (each image's four ops in its own order),
-    grayscale, Gaussian blur, then normalised. Each op runs, batched, on the images that need it: their indices
-    come from the CPU params, so nothing waits for the device. In fp32 whatever autocast is on."""
+    grayscale, Gaussian blur, horizontal flip, then normalised. Each op runs, batched, on the images that need it:
+    their indices come from the CPU params, so nothing waits for the device. In fp32 whatever autocast is on."""
     shape, device = images.shape, images.device
     p = params.reshape(-1, len(IDENTITY)).float().cpu()  # [N, P]
     q = p.to(device, non_blocking=True)  # [N, P]
@@ -247,6 +246,9 @@ def on_device(images, params):
         if i is not None:  # kernel radius 3 sigma (99.7% of the weight), at most the image size allows
             radius = min(math.ceil(3 * float(p[:, SIGMA].max())), shape[-1] - 1, shape[-2] - 1)
             x[i] = gaussian_blur(x[i], q[i, SIGMA], radius)
+        i = rows(p[:, FLIP] > 0)
+        if i is not None:  # x'(u, v) = x(u, W - 1 - v); here, not in the loader, where it cost a copy of each view
+            x[i] = x[i].flip(-1)
         return standardize(x).view(shape)  # [..., 3, H, W]
 
 

@@ -92,18 +92,20 @@ def reference_view(x, p):
         y = TF.rgb_to_grayscale(y, num_output_channels=3)
     if p[augment.SIGMA]:
         y = TF.gaussian_blur(y, 2 * 6 + 1, float(p[augment.SIGMA]))  # radius 3 * max sigma (2) of the batch
+    if p[augment.FLIP]:
+        y = TF.hflip(y)
     return TF.normalize(y, augment.MEAN, augment.STD)
 
 
 def test_on_device_applies_each_images_ops_in_its_own_order():
-    """A batch [B=3, V=2] with identity views, each op alone, different orders, grayscale and blur: on_device
+    """A batch [B=3, V=2] with identity views, each op alone, different orders, grayscale, blur, flip: on_device
     equals the per-image reference; identity views are exactly augment.normalize (the CLIP view's path)."""
     x = smooth_images(6).view(3, 2, 3, 24, 24)
     rows = [list(augment.IDENTITY) for _ in range(6)]
     rows[1][:4] = [1.3, 0.7, 1.2, 0.08]  # all four, in the identity order
     rows[2][:4], rows[2][4:8] = [0.8, 1.3, 0.6, -0.05], [3, 2, 1, 0]  # all four, reversed
     rows[3][:4], rows[3][4:8], rows[3][augment.GRAY] = [1.2, 1.0, 1.4, 0.0], [2, 0, 3, 1], 1.0
-    rows[4][augment.SIGMA] = 2.0
+    rows[4][augment.SIGMA], rows[4][augment.FLIP] = 2.0, 1.0
     rows[5][:4], rows[5][4:8], rows[5][augment.SIGMA] = [1.0, 0.6, 1.0, 0.1], [1, 3, 0, 2], 0.7
     params = torch.tensor(rows).view(3, 2, P)
     out = augment.on_device(x, params)
