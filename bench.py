@@ -277,7 +277,7 @@ def loader_bench(workers, batch_size=64, batches=48):
                 for _ in range(batches - 2 * n):
                     next(loader)
                 rows.append((name, n, (batches - 2 * n) * batch_size / (time.perf_counter() - start)))
-                del loader
+                loader.close()  # its workers stop now, before the shards are deleted or the next loader forks
     return rows
 
 
@@ -356,6 +356,7 @@ def main(args):
             module.train_step(raw_model, raw_model, optimizer, scaler, images, tokens, train_args, autocast, precision)
         synchronize(device)
         elapsed = time.perf_counter() - start
+        loader.close()  # workers stopped before other loaders fork (a forked copy of a live loader complains at exit)
         print(f"with the real loader ({preset}, synthetic data, batch {batch_size}): "
               f"{args.steps * batch_size / elapsed:.1f} samples/s, "
               f"data time {waited / args.steps * 1000:.1f} ms/step ({waited / elapsed:.0%} of the step)")
