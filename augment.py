@@ -110,8 +110,9 @@ def draft_side(views):
     """The smallest sqrt(W * H) a decoded image may have so that every crop of every view still has at least the
     view's output size per side: then the crop is only ever shrunk, as from the full-size image. A crop covers an
     area fraction >= scale[0] at an aspect ratio in RATIO, so both its sides are >= sqrt(RATIO[0] scale[0] W H).
-    The loader decodes large JPEGs at 1/2, 1/4 or 1/8 size (Image.draft) down to this side, no further."""
-    return max(view.size / math.sqrt(RATIO[0] * view.scale[0]) for view in views)
+    The loader decodes large JPEGs at 1/2, 1/4 or 1/8 size (Image.draft) down to this side, no further (None: no
+    views, full size)."""
+    return max((view.size / math.sqrt(RATIO[0] * view.scale[0]) for view in views), default=None)
 
 
 class CLIPView:

@@ -306,9 +306,11 @@ class BatchNorm(nn.BatchNorm1d):
     step is applied (apply_running); buffers, updated in place, and not Python attributes, so that
     torch.compile traces them without a recompile per step."""
 
+    STATISTICS = ("running_mean", "running_var", "num_batches_tracked")
+
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        for name in ("running_mean", "running_var", "num_batches_tracked"):
+        for name in self.STATISTICS:
             self.register_buffer("pending_" + name, getattr(self, name).clone(), persistent=False)
 
     def forward(self, x):  # [b, C]
@@ -328,14 +330,14 @@ class BatchNorm(nn.BatchNorm1d):
     def apply_running(self, applied):
         """After the optimizer step: keep this step's running statistics only if the step was applied (a
         skipped non-finite step leaves them as they were). `applied`: a bool tensor on the device, no sync."""
-        for name in ("running_mean", "running_var", "num_batches_tracked"):
+        for name in self.STATISTICS:
             running, pending = getattr(self, name), getattr(self, "pending_" + name)
             running.copy_(torch.where(applied, pending, running))
             pending.copy_(running)
 
     def _load_from_state_dict(self, *args, **kwargs):  # a loaded checkpoint's statistics are the pending ones too
         super()._load_from_state_dict(*args, **kwargs)
-        for name in ("running_mean", "running_var", "num_batches_tracked"):
+        for name in self.STATISTICS:
             getattr(self, "pending_" + name).copy_(getattr(self, name))
 
 
@@ -1236,8 +1238,7 @@ def train(args, device, rank, world_size, stop):
     image_views, text_views = train_views(args)
     loader = data.build_loader(
         args.data, args.batch_size * args.accum_steps, image_views, text_views, rank=rank, world_size=world_size,
-        workers=workers,
-        seed=args.seed, context_length=PRESETS[args.model]["context_length"],
+        workers=workers, seed=args.seed, context_length=PRESETS[args.model]["context_length"],
         image_size=PRESETS[args.model]["image_size"], start_step=start_step, state=data_state, pin_memory=cuda,
         csv_img_key=args.csv_img_key, csv_caption_key=args.csv_caption_key, csv_separator=args.csv_separator,
         num_samples=args.train_num_samples)
@@ -1288,7 +1289,7 @@ def train(args, device, rank, world_size, stop):
     eval_time = 0.0  # seconds of the last evaluation, for the time left
     for step in range(start_step, total_steps):
         t_data = time.time()
-        images, tokens, params = next(batches)  # params: each view's colour jitter, grayscale, blur (on the CPU)
+        images, tokens, params = next(batches)  # params [B, V, P]: each view's on-device augmentation, on the CPU
         images, tokens = images.to(device, non_blocking=True), tokens.to(device, non_blocking=True)
         images = augment.on_device(images, params)  # fp32 [B, V, 3, H, W], augmented and normalised
         data_time += time.time() - t_data

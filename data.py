@@ -8,10 +8,10 @@ Sources (`--data` in the method files):
 
 Every training batch is (images uint8 [B, V, 3, H, W], tokens int64 [B, T, L], params float32 [B, V, P]): V
 image views and T text views per sample, as many as the method asks for; L is the length of the batch's longest
-caption + 1 (EOT), at most the context length (trim_tokens); params are each image view's photometric
-parameters, which augment.on_device applies on the training device. Randomness comes from (seed, epoch,
-sample), never from a worker's global state, so the batches of a step are the same whatever the number of
-workers, and a resumed run sees exactly the batches it would have seen.
+caption + 1 (EOT), at most the context length (trim_tokens); params are each image view's colour jitter,
+grayscale, blur and flip parameters, which augment.on_device applies on the training device. Randomness comes
+from (seed, epoch, sample), never from a worker's global state, so the batches of a step are the same whatever
+the number of workers, and a resumed run sees exactly the batches it would have seen.
 
 Unreadable samples (corrupt or truncated image, missing file, empty or undecodable caption, truncated or
 missing shard) are skipped and counted; a source where most samples fail stops with a clear error.
@@ -368,7 +368,7 @@ def report_skip(what, error):
 
 def make_views(image, caption, image_views, text_views, context_length, seed_key):
     """One sample -> (images uint8 [V, 3, H, W], tokens [T, L], params float32 [V, P]); view k draws all its random
-    numbers from Random(seed_key/k), the photometric params (augment.on_device applies them) included. The PIL
+    numbers from Random(seed_key/k), the on-device params (augment.on_device applies them) included. The PIL
     image is turned into a tensor once (augment.pixels); each view crops and resizes it."""
     x = augment.pixels(image)  # uint8 [3, H, W]
     images, params = zip(*[view(x, random.Random(f"{seed_key}/image{k}")) for k, view in enumerate(image_views)])
@@ -458,7 +458,7 @@ class TarShards(torch.utils.data.IterableDataset):
         self.context_length, self.seed, self.rank, self.world_size = context_length, seed, rank, world_size
         self.workers, self.shuffle_buffer, self.epochs = max(1, workers), shuffle_buffer, epochs
         self.start_step, self.state = start_step, state or {}
-        self.draft_side = augment.draft_side(image_views) if image_views else None  # see load_image
+        self.draft_side = augment.draft_side(image_views)  # see load_image
         if len(self.urls) < world_size * self.workers:
             raise ValueError(
                 f"{len(self.urls)} shards cannot feed {world_size} ranks x {self.workers} workers without overlap; "

@@ -1057,8 +1057,7 @@ def train(args, device, rank, world_size, stop):
     image_views, text_views = train_views(args)
     loader = data.build_loader(
         args.data, args.batch_size * args.accum_steps, image_views, text_views, rank=rank, world_size=world_size,
-        workers=workers,
-        seed=args.seed, context_length=PRESETS[args.model]["context_length"],
+        workers=workers, seed=args.seed, context_length=PRESETS[args.model]["context_length"],
         image_size=PRESETS[args.model]["image_size"], start_step=start_step, state=data_state, pin_memory=cuda,
         csv_img_key=args.csv_img_key, csv_caption_key=args.csv_caption_key, csv_separator=args.csv_separator,
         num_samples=args.train_num_samples)
@@ -1109,7 +1108,7 @@ def train(args, device, rank, world_size, stop):
     eval_time = 0.0  # seconds of the last evaluation, for the time left
     for step in range(start_step, total_steps):
         t_data = time.time()
-        images, tokens, params = next(batches)  # params: each view's colour jitter, grayscale, blur (on the CPU)
+        images, tokens, params = next(batches)  # params [B, V, P]: each view's on-device augmentation, on the CPU
         images, tokens = images.to(device, non_blocking=True), tokens.to(device, non_blocking=True)
         images = augment.on_device(images, params)  # fp32 [B, V, 3, H, W], augmented and normalised
         data_time += time.time() - t_data
