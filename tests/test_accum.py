@@ -5,8 +5,6 @@ towers is replayed exactly; through main(), the data, logs and a resume follow t
 import importlib
 import json
 import os
-import subprocess
-import sys
 from contextlib import nullcontext
 
 import pytest
@@ -15,7 +13,6 @@ import torch
 from cases import CASES, IDS, make_batch, train_steps
 from distributed import run_distributed
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NO_DROPOUT = ["--text-dropout", "0"]  # K x b and 2b draw different dropout masks; test_dropout_is_replayed checks it
 
 
@@ -107,7 +104,9 @@ def test_two_processes_with_two_micro_batches_equal_one_process_with_the_whole_b
 
 
 def run(args):
-    subprocess.run([sys.executable, "clip.py", *args], cwd=ROOT, check=True, capture_output=True, timeout=300)
+    import clip
+
+    clip.main(clip.parse_args(args))  # in this process; the loader workers are forked from it
 
 
 def losses(out_dir):

@@ -2,10 +2,10 @@
 run (as torchrun's agent, SLURM and Ctrl-C send them), two torchrun "nodes" that share no file system, and
 decisions (stop on a signal, stop after non-finite steps) that every rank takes together."""
 
+import json
 import os
 import signal
 import subprocess
-import sys
 import time
 
 import pytest
@@ -50,7 +50,8 @@ SLURM = TORCHRUN[:3] + ["--signals-to-handle", "SIGTERM,SIGINT,SIGUSR1"] + TORCH
 def test_a_signal_to_the_process_group_saves_and_resume_equals_an_uninterrupted_run(tmp_path, kind, sig, launch):
     """The scheduler's kill (SIGTERM to the group; torchrun's agent forwards it, so ranks see it twice), SLURM's
     warning (SIGUSR1) and Ctrl-C (SIGINT) reach the loader workers too: they must not die of it. The run saves,
-    exits 0, leaves no process behind, and `--resume auto` ends with the weights of a run never stopped."""
+    exits 0, leaves no process behind, and `--resume auto` ends with the weights of a run never stopped. (A signal
+    to one process is the same request: tests/test_reliability.py sends SIGUSR1 to one torchrun rank.)"""
     args = ["--data", source(kind, tmp_path), "--workers", "2", "--steps", "24", "--batch-size", "8",
             "--save-every", "1000", "--eval-samples", "8"]
     torchrun = launch != [PY]
@@ -68,7 +69,10 @@ def test_a_signal_to_the_process_group_saves_and_resume_equals_an_uninterrupted_
     assert "--resume auto" in stdout and "killed by signal" not in stderr and "exitcode" not in stderr
     assert group_is_gone(process.pid), "a loader worker or rank was left behind"
     step = torch.load(tmp_path / "stopped" / "ckpt.pt", weights_only=True)["step"]
-    assert 3 <= step < 24
+    with open(tmp_path / "stopped" / "log.jsonl") as f:
+        last = json.loads(f.readlines()[-1])
+    assert last["stopped_by"] == sig.name  # what stopped it, in the log
+    assert 3 <= step == last["step"] < 24  # saved at the step it stopped (--save-every is 1000)
     run(launch + command(tmp_path / "stopped", *args, "--resume", "auto")[1:], env=ENV)
     assert_same(model_of(tmp_path / "straight"), model_of(tmp_path / "stopped"))
 

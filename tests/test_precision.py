@@ -10,9 +10,8 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import clip
-import data
 import eval_zeroshot
-from cases import CASES, IDS, make_batch, train_steps
+from cases import CASES, IDS, make_batch, one_layer_towers, train_steps
 from distributed import run_distributed
 
 # bf16 keeps 8 bits of mantissa (a relative step of 2^-8 = 0.4%). On the first step (the same weights) the
@@ -35,13 +34,18 @@ def test_bf16_trains_close_to_fp32(name, flags):
 
 
 def every_case_in_both_precisions(rank, world_size):
-    return {" ".join([n] + f): (train_steps(n, f, steps=2, precision="fp32", rank=rank, world_size=world_size)[0],
-                                train_steps(n, f, steps=2, precision="bf16", rank=rank, world_size=world_size)[0])
-            for n, f in CASES}
+    results = {}
+    for n, f in CASES:
+        with one_layer_towers(importlib.import_module(n)):
+            results[" ".join([n] + f)] = tuple(train_steps(n, f, steps=2, precision=p, rank=rank,
+                                                           world_size=world_size)[0] for p in ("fp32", "bf16"))
+    return results
 
 
 def test_bf16_trains_close_to_fp32_on_two_processes():
-    """DDP over 2 gloo processes, each on half of the batch: the same bounds, on every rank."""
+    """DDP over 2 gloo processes, each on half of the batch: the same bounds, on every rank. One block per tower
+    (what DDP adds, the all-reduces of gradients and statistics, is in the heads and the losses; the towers' depth
+    is tested in one process above)."""
     for results in run_distributed(every_case_in_both_precisions, 2):
         for case, (fp32, bf16) in results.items():
             assert_close_to_fp32(fp32, bf16, case)
