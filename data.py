@@ -18,8 +18,10 @@ missing shard) are skipped and counted; a source where most samples fail stops w
 """
 
 import atexit
+import concurrent.futures
 import csv
 import io
+import json
 import math
 import multiprocessing
 import os
@@ -28,6 +30,7 @@ import re
 import signal
 import sys
 import tarfile
+import time
 import weakref
 
 import torch
@@ -344,13 +347,57 @@ def count_tar_samples(urls):
     return total
 
 
-def count_on_rank_0(urls, rank, world_size):
-    """count_tar_samples by rank 0 alone, sent to every rank: one reading of all the tar headers, and the
-    same epoch length on every rank even if a node reads a shard differently."""
-    box = [count_tar_samples(urls) if rank == 0 else None]
+def read_json(path):
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError):  # absent (the usual case) or unreadable: the caller counts otherwise
+        return None
+
+
+def recorded_size(url, sizes_files):
+    """A shard's sample count as its writer recorded it, or None: `sizes.json` in its folder ({"00000.tar": n},
+    OpenCLIP's and webdataset's convention) or img2dataset's `00000_stats.json` beside `00000.tar` ("successes":
+    the samples written). `sizes_files` caches each folder's sizes.json."""
+    folder, name = os.path.split(url)
+    if folder not in sizes_files:
+        sizes = read_json(os.path.join(folder, "sizes.json"))
+        sizes_files[folder] = sizes if isinstance(sizes, dict) else {}
+    n = sizes_files[folder].get(name)
+    if n is None:
+        stats = read_json(re.sub(r"\.tar(\.\w+)?$", "", url) + "_stats.json")
+        n = stats.get("successes") if isinstance(stats, dict) else None
+    return n if isinstance(n, int) and n >= 0 else None
+
+
+def count_samples(urls, rank=0, world_size=1, threads=8, progress_every_s=30):
+    """The number of samples in the shards, the same on every rank. Each rank takes its share urls[rank::world_size]:
+    the count its writer recorded (recorded_size), else its tar headers (count_tar_samples, `threads` shards at a
+    time: the reads wait on the file system), and one all-reduce adds the shares up. So at 100k shards on a network
+    file system no rank sits in a collective while another reads every header (which can pass NCCL's timeout)."""
+    sizes_files, todo, total = {}, [], 0
+    for url in urls[rank::world_size]:
+        n = recorded_size(url, sizes_files)
+        if n is None:
+            todo.append(url)
+        else:
+            total += n
+    if todo:
+        start = last = time.time()
+        with concurrent.futures.ThreadPoolExecutor(min(threads, len(todo))) as pool:
+            for i, n in enumerate(pool.map(lambda url: count_tar_samples([url]), todo), start=1):
+                total += n
+                if time.time() - last > progress_every_s:
+                    last = time.time()
+                    print(f"[data] rank {rank}: counted the samples of {i} of its {len(todo)} shards from their tar "
+                          f"headers ({last - start:.0f} s; img2dataset's _stats.json files, a sizes.json or "
+                          f"--train-num-samples skip this)", file=sys.stderr, flush=True)
     if world_size > 1 and torch.distributed.is_initialized():
-        torch.distributed.broadcast_object_list(box, src=0)
-    return box[0]
+        nccl = torch.distributed.get_backend() == "nccl"  # NCCL reduces only GPU tensors
+        box = torch.tensor([total], dtype=torch.int64, device="cuda" if nccl else "cpu")
+        torch.distributed.all_reduce(box)
+        total = int(box)
+    return total
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -636,7 +683,7 @@ def build_loader(spec, batch_size, image_views, text_views, *, rank=0, world_siz
                  csv_img_key="filepath", csv_caption_key="caption", csv_separator=None, num_samples=None):
     """The training loader of any source under DDP or not. `spec`: 'synthetic', a .csv/.tsv file or a
     tar-shard pattern. `batch_size` is per rank. `num_samples` sets the epoch length of tar shards
-    (default: counted from the tar headers). Returns a Loader with `.steps_per_epoch`."""
+    (default: count_samples). Returns a Loader with `.steps_per_epoch`."""
     kind = source_kind(spec)
     # generator: a DataLoader draws its workers' base seed when an iterator starts, by default from torch's global
     # RNG, which the training step's dropout uses and a checkpoint restores: a resumed run would draw it after the
@@ -661,7 +708,7 @@ def build_loader(spec, batch_size, image_views, text_views, *, rank=0, world_siz
         dataset = TarShards(present, image_views, text_views, context_length, seed, rank, world_size, workers,
                             start_step=start_step,
                             state={int(k): tuple(v) for k, v in (state or {}).get("streams", {}).items()})
-        num_samples = num_samples or count_on_rank_0(present, rank, world_size)
+        num_samples = num_samples or count_samples(present, rank, world_size)
         steps_per_epoch = max(1, num_samples // (batch_size * world_size))
         loader = torch.utils.data.DataLoader(dataset, drop_last=True, **common)
         return Loader(loader, steps_per_epoch, start_step, dataset.state)
