@@ -302,22 +302,33 @@ def split_member_name(name):
     return os.path.join(os.path.dirname(name), stem), ext
 
 
-def tar_samples(path):
-    """Yield (key, {extension: bytes}) for the samples of one shard, grouping consecutive members that
-    share a key (split_member_name). A missing or truncated shard raises."""
-    key, files = None, {}
-    with tarfile.open(path, mode="r|*") as tar:
-        for member in tar:
-            if not member.isfile() or split_member_name(member.name) is None:
-                continue
-            prefix, ext = split_member_name(member.name)
-            if prefix != key:
-                if key is not None:
-                    yield key, files
-                key, files = prefix, {}
-            files[ext.lower()] = tar.extractfile(member).read()
+COMPRESSED_TAR = (b"\x1f\x8b", b"BZh", b"\x5d\x00\x00\x80", b"\xfd7zXZ")  # gzip, bzip2, xz: what tarfile's r|* reads
+
+
+def tar_samples(path, start=0):
+    """Yield (key, {extension: bytes}, next) for the samples of one shard from the member header at byte `start` on,
+    grouping consecutive members that share a key (split_member_name); `next` is the offset of the member that
+    begins the following sample (None after the last), where a later call can start. A plain tar is read from
+    `start` on (seek); a compressed one (no random access) from its beginning, passing over what lies before
+    `start` unread into memory. A missing or truncated shard raises."""
+    with open(path, "rb") as f:
+        plain = not f.read(6).startswith(COMPRESSED_TAR)
+        base = start if plain else 0  # a tar read from a header on is a tar: offsets count from there
+        f.seek(base)
+        key, files = None, {}
+        with tarfile.open(fileobj=f, mode="r|" if plain else "r|*") as tar:
+            for member in tar:
+                offset = base + member.offset  # where its header (or its long-name header) begins
+                if offset < start or not member.isfile() or split_member_name(member.name) is None:
+                    continue
+                prefix, ext = split_member_name(member.name)
+                if prefix != key:
+                    if key is not None:
+                        yield key, files, offset
+                    key, files = prefix, {}
+                files[ext.lower()] = tar.extractfile(member).read()
     if key is not None:
-        yield key, files
+        yield key, files, None
 
 
 def decode_tar_sample(files, draft_side=None):
@@ -489,21 +500,26 @@ class EpochBatches(torch.utils.data.Sampler):
 
 class TarShards(torch.utils.data.IterableDataset):
     """Streams samples from tar shards. Per epoch e the shard list is shuffled with (seed, e) and dealt
-    out without overlap: stream g = rank * workers + w of world_size * workers gets shards[g::G]; each
-    stream passes its samples through a shuffle buffer seeded with (seed, e, g). Streams run on from
-    epoch to epoch forever (or for `epochs` epochs), so ranks never wait for each other at epoch ends.
+    out without overlap: stream g = rank * workers + w of world_size * workers gets shards[g::G]. Each stream reads
+    its shards in blocks of `shuffle_buffer` consecutive samples and yields each block in an order seeded by (seed,
+    e, rank, g, where the block starts). Streams run on from epoch to epoch forever (or for `epochs` epochs), so
+    ranks never wait for each other at epoch ends.
 
-    Resume: each sample carries (stream, epoch, position in the stream's epoch). With DataLoader workers
-    the global batch j comes from stream j % workers; `state` maps each stream to the (epoch, position)
-    after its last consumed batch and `start_step` rotates the streams over the workers so that the first
-    worker continues with batch `start_step`. Skipping to a position reads the tar bytes of the skipped
-    samples but decodes none of them."""
+    Resume: each sample carries its stream, its epoch and the stream's position after it: (shard number in the
+    stream's list, byte offset of the block's first member in that shard, samples of the block done), or the next
+    block's start once a block is done. With DataLoader workers the global batch j comes from stream j % workers;
+    `state` maps each stream to [epoch, shard, offset, done] after its last consumed batch and `start_step` rotates
+    the streams over the workers so that the first worker continues with batch `start_step`. A resumed stream
+    seeks to its block and reads that block again (at most `shuffle_buffer` samples), never the data before it.
+    Why blocks and not a running shuffle buffer (which draws one sample of the buffer each time a sample comes in):
+    a running buffer's contents at a position are samples from anywhere before it, whose offsets would all go into
+    the checkpoint and be read back one by one; a block is four numbers and one sequential read."""
 
     def __init__(self, urls, image_views, text_views, context_length=77, seed=0, rank=0, world_size=1,
                  workers=1, shuffle_buffer=1000, start_step=0, state=None, epochs=None):
         self.urls, self.image_views, self.text_views = list(urls), image_views, text_views
         self.context_length, self.seed, self.rank, self.world_size = context_length, seed, rank, world_size
-        self.workers, self.shuffle_buffer, self.epochs = max(1, workers), shuffle_buffer, epochs
+        self.workers, self.shuffle_buffer, self.epochs = max(1, workers), max(1, shuffle_buffer), epochs
         self.start_step, self.state = start_step, state or {}
         self.draft_side = augment.draft_side(image_views)  # see load_image
         if len(self.urls) < world_size * self.workers:
@@ -517,33 +533,49 @@ class TarShards(torch.utils.data.IterableDataset):
         random.Random(f"shards/{self.seed}/{epoch}").shuffle(order)
         return order[self.rank * self.workers + stream :: self.world_size * self.workers]
 
-    def raw_stream(self, stream, epoch):
-        """(key, files) of one stream's epoch, shuffled through the buffer."""
-        rng = random.Random(f"buffer/{self.seed}/{epoch}/{self.rank}/{stream}")
-        buffer = []
-        for url in self.shards(stream, epoch):
+    def read_block(self, urls, shard, offset):
+        """Up to shuffle_buffer (key, files) items from byte `offset` of urls[shard] on, across shards, and the
+        (shard, offset) where the next block starts. An unreadable shard is one (None, None) item; the samples
+        read from it before the error stay."""
+        block = []
+        while shard < len(urls) and len(block) < self.shuffle_buffer:
             try:
-                for sample in tar_samples(url):
-                    buffer.append(sample)
-                    if len(buffer) >= self.shuffle_buffer:
-                        k = rng.randrange(len(buffer))
-                        buffer[k], buffer[-1] = buffer[-1], buffer[k]
-                        yield buffer.pop()
+                for key, files, offset in tar_samples(urls[shard], offset):
+                    block.append((key, files))
+                    if len(block) == self.shuffle_buffer and offset is not None:
+                        return block, (shard, offset)
             except (OSError, tarfile.TarError, EOFError) as e:  # missing or truncated shard: keep what was read
-                report_skip(f"shard {url}", e)
-                yield None, None  # counted as one skipped item
-        rng.shuffle(buffer)
-        yield from buffer
+                report_skip(f"shard {urls[shard]}", e)
+                block.append((None, None))  # counted as one skipped item
+            shard, offset = shard + 1, 0
+        return block, (shard, offset)
+
+    def raw_stream(self, stream, epoch, shard=0, offset=0, done=0):
+        """((key, files), position after it) of one stream's epoch, from block (shard, offset) with `done` items of
+        it passed over."""
+        urls = self.shards(stream, epoch)
+        while shard < len(urls):
+            block, (next_shard, next_offset) = self.read_block(urls, shard, offset)
+            order = list(range(len(block)))
+            random.Random(f"block/{self.seed}/{epoch}/{self.rank}/{stream}/{shard}/{offset}").shuffle(order)
+            for i in range(done, len(block)):
+                yield block[order[i]], ((shard, offset, i + 1) if i + 1 < len(block) else (next_shard, next_offset, 0))
+            shard, offset, done = next_shard, next_offset, 0
 
     def __iter__(self):
         info = torch.utils.data.get_worker_info()
         worker = info.id if info is not None else 0
         stream = (worker + self.start_step) % self.workers
-        epoch, skip = self.state.get(stream, (0, 0))
+        epoch, *position = self.state.get(stream, (0, 0, 0, 0))
+        skip = 0
+        if len(position) == 1:  # [epoch, items read]: a state of data.py before byte offsets (see build_loader)
+            position, skip = [0, 0, 0], position[0]
+        bad = 0  # unreadable items since the last sample yielded: counted with the next one
         while self.epochs is None or epoch < self.epochs:
-            good = bad = 0
-            for position, (key, files) in enumerate(self.raw_stream(stream, epoch), start=1):
-                if position <= skip:
+            good, from_start = 0, list(position) == [0, 0, 0] and skip == 0
+            for (key, files), after in self.raw_stream(stream, epoch, *position):
+                if skip:
+                    skip -= 1
                     continue
                 try:
                     if key is None:
@@ -556,12 +588,12 @@ class TarShards(torch.utils.data.IterableDataset):
                     continue
                 images, tokens, params = make_views(image, caption, self.image_views, self.text_views,
                                                     self.context_length, f"{self.seed}/{epoch}/{key}")
-                yield images, tokens, params, bad, stream, epoch, position
+                yield images, tokens, params, bad, stream, epoch, torch.tensor(after)
                 good, bad = good + 1, 0
-            if good == 0 and skip == 0:
+            if good == 0 and from_start:
                 raise RuntimeError(f"tar stream {stream} of rank {self.rank} read no usable sample in epoch {epoch} "
                                    f"from shards {self.shards(stream, epoch)[:3]}...")
-            epoch, skip = epoch + 1, 0
+            epoch, position = epoch + 1, [0, 0, 0]
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -571,7 +603,7 @@ class TarShards(torch.utils.data.IterableDataset):
 class Loader:
     """Endless iterator of (images [B, V, 3, H, W] uint8, tokens [B, T, L], params [B, V, P]) batches. `skipped`
     counts the unreadable samples passed over so far on this rank; `state_dict()` is the data position to put in
-    a checkpoint (the step, and for tar streams each stream's epoch and position)."""
+    a checkpoint (the step, and for tar streams each stream's epoch and position: TarShards)."""
 
     def __init__(self, dataloader, steps_per_epoch, start_step, stream_state=None):
         self.dataloader, self.steps_per_epoch = dataloader, steps_per_epoch
@@ -587,8 +619,8 @@ class Loader:
     def generate(self):
         for images, tokens, params, skipped, stream, epoch, position in self.dataloader:
             self.skipped += int(skipped.sum())
-            if stream[-1] >= 0:
-                self.streams[int(stream[-1])] = (int(epoch[-1]), int(position[-1]))
+            if stream[-1] >= 0:  # tar: [epoch, shard, offset, done] of the batch's stream (TarShards)
+                self.streams[int(stream[-1])] = (int(epoch[-1]), *position[-1].tolist())
             self.step += 1
             yield images, tokens, params
 
@@ -618,7 +650,7 @@ class TarProbe:
         self.samples = []
         for url in urls:
             try:
-                for key, files in tar_samples(url):
+                for key, files, _ in tar_samples(url):
                     self.samples.append(files)
                     if len(self.samples) >= n:
                         return
@@ -680,10 +712,12 @@ def end_workers_at_exit():
 
 def build_loader(spec, batch_size, image_views, text_views, *, rank=0, world_size=1, workers=0, seed=0,
                  context_length=77, image_size=224, start_step=0, state=None, pin_memory=False,
-                 csv_img_key="filepath", csv_caption_key="caption", csv_separator=None, num_samples=None):
+                 csv_img_key="filepath", csv_caption_key="caption", csv_separator=None, num_samples=None,
+                 shuffle_buffer=1000):
     """The training loader of any source under DDP or not. `spec`: 'synthetic', a .csv/.tsv file or a
     tar-shard pattern. `batch_size` is per rank. `num_samples` sets the epoch length of tar shards
-    (default: count_samples). Returns a Loader with `.steps_per_epoch`."""
+    (default: count_samples); `shuffle_buffer`: their shuffle block (TarShards). Returns a Loader with
+    `.steps_per_epoch`."""
     kind = source_kind(spec)
     # generator: a DataLoader draws its workers' base seed when an iterator starts, by default from torch's global
     # RNG, which the training step's dropout uses and a checkpoint restores: a resumed run would draw it after the
@@ -705,9 +739,13 @@ def build_loader(spec, batch_size, image_views, text_views, *, rank=0, world_siz
             raise SystemExit(f"--data {spec}: the checkpoint's tar streams were read by {saved_workers} loader workers "
                              f"per rank; resume with --workers {saved_workers} (each worker is one stream of shards, "
                              f"so another count would read other samples)")
+        streams = {int(k): tuple(v) for k, v in (state or {}).get("streams", {}).items()}
+        if rank == 0 and any(len(v) == 2 for v in streams.values()):
+            print("[data] note: the checkpoint's tar-stream positions come from an older data.py (samples read, not "
+                  "byte offsets): each stream reads its epoch again up to that count, in this version's order, so "
+                  "the run continues but not bit for bit", file=sys.stderr)
         dataset = TarShards(present, image_views, text_views, context_length, seed, rank, world_size, workers,
-                            start_step=start_step,
-                            state={int(k): tuple(v) for k, v in (state or {}).get("streams", {}).items()})
+                            shuffle_buffer, start_step=start_step, state=streams)
         num_samples = num_samples or count_samples(present, rank, world_size)
         steps_per_epoch = max(1, num_samples // (batch_size * world_size))
         loader = torch.utils.data.DataLoader(dataset, drop_last=True, **common)
