@@ -17,7 +17,9 @@ Unreadable samples (corrupt or truncated image, missing file, empty or undecodab
 missing shard) are skipped and counted; a source where most samples fail stops with a clear error.
 """
 
+import array
 import atexit
+import collections.abc
 import concurrent.futures
 import csv
 import io
@@ -235,30 +237,59 @@ def check_caption(caption):
     return caption
 
 
+class Strings(collections.abc.Sequence):
+    """A column of strings in two flat arrays: their UTF-8 bytes end to end and where each ends, decoded one at a
+    time on access (with `root` joined in front, for paths). Why: at 10M rows a list holds 10M str objects, and a
+    loader worker that reads one writes its refcount, which copies the memory page holding it into the worker; over
+    an epoch every worker copies them all (gigabytes each). Two arrays are two objects; their pages stay shared."""
+
+    def __init__(self, utf8, ends, root=None):
+        self.utf8, self.ends, self.root = utf8, ends, root  # bytes, array('q'), str or None
+
+    def __len__(self):
+        return len(self.ends)
+
+    def __getitem__(self, index):
+        n = len(self.ends)
+        if not -n <= index < n:
+            raise IndexError(f"row {index} of {n}")
+        index %= n
+        text = self.utf8[self.ends[index - 1] if index else 0 : self.ends[index]].decode("utf-8")
+        return os.path.join(self.root, text) if self.root else text
+
+
 class CsvPairs:
     """A CSV/TSV file with one row per (image, caption) pair. Image paths are relative to the file's
-    folder (or absolute). Loading a row may raise; the dataset wrapper skips and counts such rows."""
+    folder (or absolute). Loading a row may raise; the dataset wrapper skips and counts such rows.
+    `paths` and `captions` are sequences of str, held compactly (Strings)."""
 
     def __init__(self, path, img_key="filepath", caption_key="caption", separator=None, draft_side=None):
         if not os.path.isfile(path):
             raise FileNotFoundError(f"--data {path}: no such file")
         if separator is None:
             separator = "\t" if path.lower().endswith(".tsv") else ","
+        columns = {img_key: (bytearray(), array.array("q")), caption_key: (bytearray(), array.array("q"))}
         with open(path, newline="", encoding="utf-8", errors="replace") as f:
-            reader = csv.DictReader(f, delimiter=separator)
-            columns = reader.fieldnames or []
+            reader = csv.reader(f, delimiter=separator)
+            names = next(reader, [])
             for key, flag in ((img_key, "--csv-img-key"), (caption_key, "--csv-caption-key")):
-                if key not in columns:
+                if key not in names:
                     raise ValueError(
-                        f"{path}: no column {key!r} (columns: {', '.join(columns) or 'none'}; "
+                        f"{path}: no column {key!r} (columns: {', '.join(names) or 'none'}; "
                         f"separator {separator!r}); set {flag} or --csv-separator"
                     )
-            rows = [(row[img_key] or "", row[caption_key] or "") for row in reader]
-        if not rows:
+            where = [(names.index(key), *columns[key]) for key in columns]
+            for row in reader:
+                if not row:  # a blank line (csv.DictReader skipped them too)
+                    continue
+                for i, utf8, ends in where:  # a short row's missing fields are empty
+                    utf8 += (row[i] if i < len(row) else "").encode("utf-8")
+                    ends.append(len(utf8))
+        if not columns[img_key][1]:
             raise ValueError(f"{path}: no rows")
         root = os.path.dirname(os.path.abspath(path))
-        self.paths = [os.path.join(root, p) for p, _ in rows]
-        self.captions = [c for _, c in rows]
+        self.paths = Strings(bytes(columns[img_key][0]), columns[img_key][1], root)
+        self.captions = Strings(bytes(columns[caption_key][0]), columns[caption_key][1])
         self.draft_side = draft_side  # see load_image
 
     def __len__(self):
