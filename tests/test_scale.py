@@ -209,3 +209,12 @@ def test_csv_rows_are_held_in_compact_arrays_not_one_object_per_string(tmp_path)
     assert list(source.captions)[:2] == ["caption number 0", "caption number 1"]
     with pytest.raises(IndexError):
         source.captions[n]
+
+
+def test_the_csv_memory_bench_measures_every_loader_worker():
+    import bench
+
+    rows = bench.csv_memory(2000, workers=2, batch_size=8, batches=2)
+    assert [(when[:5], process) for when, process, *_ in rows] == [
+        ("after", "main"), ("after", "worker 0"), ("after", "worker 1")] * 2
+    assert all(rss > 0 and pss > 0 and uss > 0 for *_, rss, pss, uss in rows)
