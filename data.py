@@ -591,6 +591,7 @@ class TarShards(torch.utils.data.IterableDataset):
             random.Random(f"block/{self.seed}/{epoch}/{self.rank}/{stream}/{shard}/{offset}").shuffle(order)
             for i in range(done, len(block)):
                 yield block[order[i]], ((shard, offset, i + 1) if i + 1 < len(block) else (next_shard, next_offset, 0))
+            del block  # before the next block is read: one block in memory, not two
             shard, offset, done = next_shard, next_offset, 0
 
     def __iter__(self):
