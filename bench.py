@@ -8,6 +8,7 @@ data loading is counted, and prints samples/s per process, MFU and peak memory f
   python bench.py --method xclip --model tiny --batch-size 64 128 256
   python bench.py --loader                                   # + the real loader; decode+augment images/s
   python bench.py --model tiny --batch-size 128 --accum-steps 2     # gradient caching: 2 x 128 pairs a step
+  python bench.py --csv-memory 2000000                        # only: loader workers' memory on a 2M-row CSV
 
 The steps go through TOKEN_BATCHES token batches in turn, whose captions have realistic lengths by default
 (--captions cc3m, see CAPTION_MEAN below): our text tower runs up to each batch's last end-of-text token, as
@@ -21,6 +22,11 @@ this flag: `pip install open_clip_torch`.
 --loader also times the step with the real synthetic-data loader (data time per step), and decodes and
 augments 224 px JPEGs from a tar shard written to a temporary folder: images/s in one loader process; and
 the loader alone (synthetic 32 px, 224 px JPEG tar shards) with 1 and 2 workers.
+--csv-memory ROWS measures only this, and times no step: it writes a CSV of ROWS pairs to a temporary folder, builds
+the training loader with 4 workers and prints each worker's memory (RSS, PSS and USS, its private memory, from
+/proc/PID/smaps_rollup) once the loader has given a few batches, then again after 4 workers have read every row's
+path and caption once in a random order, as they do over an epoch. A worker that writes the refcount of a Python
+object copies the memory page holding it: USS is what each worker adds.
 """
 
 import argparse
@@ -74,6 +80,8 @@ def parse_args(argv=None):
                    help="gradient caching: each step takes K micro-batches of --batch-size (samples/s counts all "
                         "K x batch-size pairs; OpenCLIP, if compared, gets the K x batch-size batch in one piece)")
     p.add_argument("--extra", default="", help="more flags for the method file, e.g. '--recipe improved'")
+    p.add_argument("--csv-memory", type=int, default=None, metavar="ROWS",
+                   help="only measure the loader workers' memory on a CSV of ROWS pairs (e.g. 2000000)")
     p.add_argument("--out", default=None, metavar="RESULTS.json",
                    help="also write every number printed (unrounded), with the machine and versions, to this file")
     return p.parse_args(argv)
@@ -281,7 +289,74 @@ def loader_bench(workers, batch_size=64, batches=48):
     return rows
 
 
+def memory_mib(pid):
+    """(RSS, PSS, USS) of a process in MiB, from /proc/PID/smaps_rollup (Linux). USS: its private pages."""
+    with open(f"/proc/{pid}/smaps_rollup") as f:
+        kib = {line.split(":")[0]: int(line.split()[1]) for line in f if line.rstrip().endswith("kB")}
+    return kib["Rss"] / 1024, kib["Pss"] / 1024, (kib["Private_Clean"] + kib["Private_Dirty"]) / 1024
+
+
+class RowReader(torch.utils.data.Dataset):
+    """Reads rows of a CsvPairs (path and caption), not their images: an epoch's accesses of the rows, fast."""
+
+    def __init__(self, source):
+        self.source = source
+
+    def __len__(self):
+        return len(self.source)
+
+    def __getitem__(self, index):
+        return len(self.source.paths[index]) + len(self.source.captions[index])
+
+
+def csv_memory(rows, workers=4, batch_size=128, batches=8):
+    """Memory of the training loader's workers on a CSV of `rows` pairs (images: 64 small PNGs that the rows share):
+    [(when, process, RSS, PSS, USS)] in MiB, for the main process and each worker, after `batches` batches per
+    worker, then after `workers` workers have read every row once (RowReader) in a random order."""
+    import multiprocessing
+
+    out = []
+
+    def measure(when):
+        ours = [os.getpid()] + [p.pid for p in multiprocessing.active_children()]
+        out.extend((when, "main" if pid == os.getpid() else f"worker {k}", *memory_mib(pid))
+                   for k, pid in enumerate(ours, start=-1))
+
+    with tempfile.TemporaryDirectory() as tmp:
+        os.makedirs(os.path.join(tmp, "img"))
+        source = data.SyntheticPairs("train", 24)
+        for i in range(64):
+            source[i][0].save(os.path.join(tmp, "img", f"{i}.png"))
+        with open(os.path.join(tmp, "pairs.csv"), "w") as f:
+            f.write("filepath,caption\n")
+            f.writelines(f"img/{i % 64}.png,{source[i % 512][1]} (pair {i})\n" for i in range(rows))
+        loader = data.build_loader(os.path.join(tmp, "pairs.csv"), batch_size, [augment.CLIPView(24)],
+                                   [augment.TextView()], workers=workers, image_size=24, context_length=32)
+        batch_iter = iter(loader)
+        for _ in range(batches * workers):
+            next(batch_iter)
+        measure(f"after {batches} batches of {batch_size} per worker")
+        pairs = loader.dataloader.dataset.source
+        loader.close()
+        reader = torch.utils.data.DataLoader(RowReader(pairs), batch_size=4096, shuffle=True, num_workers=workers,
+                                             collate_fn=sum, persistent_workers=True, generator=torch.Generator())
+        for _ in reader:  # persistent workers: still alive after the epoch, holding what they touched
+            pass
+        measure("after every row was read once")
+        del reader
+    return out
+
+
 def main(args):
+    if args.csv_memory:
+        rows = csv_memory(args.csv_memory)
+        print(f"csv memory: {args.csv_memory} rows, build_loader with 4 workers; MiB per process")
+        for when, process, rss, pss, uss in rows:
+            print(f"{when:<45} {process:<9} RSS {rss:8.1f}  PSS {pss:8.1f}  USS {uss:8.1f}")
+        if args.out:
+            with open(args.out, "w") as f:
+                json.dump({"csv_rows": args.csv_memory, "memory_mib": rows}, f, indent=1)
+        return rows
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True

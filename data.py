@@ -17,9 +17,13 @@ Unreadable samples (corrupt or truncated image, missing file, empty or undecodab
 missing shard) are skipped and counted; a source where most samples fail stops with a clear error.
 """
 
+import array
 import atexit
+import collections.abc
+import concurrent.futures
 import csv
 import io
+import json
 import math
 import multiprocessing
 import os
@@ -28,6 +32,7 @@ import re
 import signal
 import sys
 import tarfile
+import time
 import weakref
 
 import torch
@@ -232,30 +237,59 @@ def check_caption(caption):
     return caption
 
 
+class Strings(collections.abc.Sequence):
+    """A column of strings in two flat arrays: their UTF-8 bytes end to end and where each ends, decoded one at a
+    time on access (with `root` joined in front, for paths). Why: at 10M rows a list holds 10M str objects, and a
+    loader worker that reads one writes its refcount, which copies the memory page holding it into the worker; over
+    an epoch every worker copies them all (gigabytes each). Two arrays are two objects; their pages stay shared."""
+
+    def __init__(self, utf8, ends, root=None):
+        self.utf8, self.ends, self.root = utf8, ends, root  # bytes, array('q'), str or None
+
+    def __len__(self):
+        return len(self.ends)
+
+    def __getitem__(self, index):
+        n = len(self.ends)
+        if not -n <= index < n:
+            raise IndexError(f"row {index} of {n}")
+        index %= n
+        text = self.utf8[self.ends[index - 1] if index else 0 : self.ends[index]].decode("utf-8")
+        return os.path.join(self.root, text) if self.root else text
+
+
 class CsvPairs:
     """A CSV/TSV file with one row per (image, caption) pair. Image paths are relative to the file's
-    folder (or absolute). Loading a row may raise; the dataset wrapper skips and counts such rows."""
+    folder (or absolute). Loading a row may raise; the dataset wrapper skips and counts such rows.
+    `paths` and `captions` are sequences of str, held compactly (Strings)."""
 
     def __init__(self, path, img_key="filepath", caption_key="caption", separator=None, draft_side=None):
         if not os.path.isfile(path):
             raise FileNotFoundError(f"--data {path}: no such file")
         if separator is None:
             separator = "\t" if path.lower().endswith(".tsv") else ","
+        columns = {img_key: (bytearray(), array.array("q")), caption_key: (bytearray(), array.array("q"))}
         with open(path, newline="", encoding="utf-8", errors="replace") as f:
-            reader = csv.DictReader(f, delimiter=separator)
-            columns = reader.fieldnames or []
+            reader = csv.reader(f, delimiter=separator)
+            names = next(reader, [])
             for key, flag in ((img_key, "--csv-img-key"), (caption_key, "--csv-caption-key")):
-                if key not in columns:
+                if key not in names:
                     raise ValueError(
-                        f"{path}: no column {key!r} (columns: {', '.join(columns) or 'none'}; "
+                        f"{path}: no column {key!r} (columns: {', '.join(names) or 'none'}; "
                         f"separator {separator!r}); set {flag} or --csv-separator"
                     )
-            rows = [(row[img_key] or "", row[caption_key] or "") for row in reader]
-        if not rows:
+            where = [(names.index(key), *columns[key]) for key in columns]
+            for row in reader:
+                if not row:  # a blank line (csv.DictReader skipped them too)
+                    continue
+                for i, utf8, ends in where:  # a short row's missing fields are empty
+                    utf8 += (row[i] if i < len(row) else "").encode("utf-8")
+                    ends.append(len(utf8))
+        if not columns[img_key][1]:
             raise ValueError(f"{path}: no rows")
         root = os.path.dirname(os.path.abspath(path))
-        self.paths = [os.path.join(root, p) for p, _ in rows]
-        self.captions = [c for _, c in rows]
+        self.paths = Strings(bytes(columns[img_key][0]), columns[img_key][1], root)
+        self.captions = Strings(bytes(columns[caption_key][0]), columns[caption_key][1])
         self.draft_side = draft_side  # see load_image
 
     def __len__(self):
@@ -299,22 +333,33 @@ def split_member_name(name):
     return os.path.join(os.path.dirname(name), stem), ext
 
 
-def tar_samples(path):
-    """Yield (key, {extension: bytes}) for the samples of one shard, grouping consecutive members that
-    share a key (split_member_name). A missing or truncated shard raises."""
-    key, files = None, {}
-    with tarfile.open(path, mode="r|*") as tar:
-        for member in tar:
-            if not member.isfile() or split_member_name(member.name) is None:
-                continue
-            prefix, ext = split_member_name(member.name)
-            if prefix != key:
-                if key is not None:
-                    yield key, files
-                key, files = prefix, {}
-            files[ext.lower()] = tar.extractfile(member).read()
+COMPRESSED_TAR = (b"\x1f\x8b", b"BZh", b"\x5d\x00\x00\x80", b"\xfd7zXZ")  # gzip, bzip2, xz: what tarfile's r|* reads
+
+
+def tar_samples(path, start=0):
+    """Yield (key, {extension: bytes}, next) for the samples of one shard from the member header at byte `start` on,
+    grouping consecutive members that share a key (split_member_name); `next` is the offset of the member that
+    begins the following sample (None after the last), where a later call can start. A plain tar is read from
+    `start` on (seek); a compressed one (no random access) from its beginning, passing over what lies before
+    `start` unread into memory. A missing or truncated shard raises."""
+    with open(path, "rb") as f:
+        plain = not f.read(6).startswith(COMPRESSED_TAR)
+        base = start if plain else 0  # a tar read from a header on is a tar: offsets count from there
+        f.seek(base)
+        key, files = None, {}
+        with tarfile.open(fileobj=f, mode="r|" if plain else "r|*") as tar:
+            for member in tar:
+                offset = base + member.offset  # where its header (or its long-name header) begins
+                if offset < start or not member.isfile() or split_member_name(member.name) is None:
+                    continue
+                prefix, ext = split_member_name(member.name)
+                if prefix != key:
+                    if key is not None:
+                        yield key, files, offset
+                    key, files = prefix, {}
+                files[ext.lower()] = tar.extractfile(member).read()
     if key is not None:
-        yield key, files
+        yield key, files, None
 
 
 def decode_tar_sample(files, draft_side=None):
@@ -344,13 +389,57 @@ def count_tar_samples(urls):
     return total
 
 
-def count_on_rank_0(urls, rank, world_size):
-    """count_tar_samples by rank 0 alone, sent to every rank: one reading of all the tar headers, and the
-    same epoch length on every rank even if a node reads a shard differently."""
-    box = [count_tar_samples(urls) if rank == 0 else None]
+def read_json(path):
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError):  # absent (the usual case) or unreadable: the caller counts otherwise
+        return None
+
+
+def recorded_size(url, sizes_files):
+    """A shard's sample count as its writer recorded it, or None: `sizes.json` in its folder ({"00000.tar": n},
+    OpenCLIP's and webdataset's convention) or img2dataset's `00000_stats.json` beside `00000.tar` ("successes":
+    the samples written). `sizes_files` caches each folder's sizes.json."""
+    folder, name = os.path.split(url)
+    if folder not in sizes_files:
+        sizes = read_json(os.path.join(folder, "sizes.json"))
+        sizes_files[folder] = sizes if isinstance(sizes, dict) else {}
+    n = sizes_files[folder].get(name)
+    if n is None:
+        stats = read_json(re.sub(r"\.tar(\.\w+)?$", "", url) + "_stats.json")
+        n = stats.get("successes") if isinstance(stats, dict) else None
+    return n if isinstance(n, int) and n >= 0 else None
+
+
+def count_samples(urls, rank=0, world_size=1, threads=8, progress_every_s=30):
+    """The number of samples in the shards, the same on every rank. Each rank takes its share urls[rank::world_size]:
+    the count its writer recorded (recorded_size), else its tar headers (count_tar_samples, `threads` shards at a
+    time: the reads wait on the file system), and one all-reduce adds the shares up. So at 100k shards on a network
+    file system no rank sits in a collective while another reads every header (which can pass NCCL's timeout)."""
+    sizes_files, todo, total = {}, [], 0
+    for url in urls[rank::world_size]:
+        n = recorded_size(url, sizes_files)
+        if n is None:
+            todo.append(url)
+        else:
+            total += n
+    if todo:
+        start = last = time.time()
+        with concurrent.futures.ThreadPoolExecutor(min(threads, len(todo))) as pool:
+            for i, n in enumerate(pool.map(lambda url: count_tar_samples([url]), todo), start=1):
+                total += n
+                if time.time() - last > progress_every_s:
+                    last = time.time()
+                    print(f"[data] rank {rank}: counted the samples of {i} of its {len(todo)} shards from their tar "
+                          f"headers ({last - start:.0f} s; img2dataset's _stats.json files, a sizes.json or "
+                          f"--train-num-samples skip this)", file=sys.stderr, flush=True)
     if world_size > 1 and torch.distributed.is_initialized():
-        torch.distributed.broadcast_object_list(box, src=0)
-    return box[0]
+        nccl = torch.distributed.get_backend() == "nccl"  # NCCL reduces only GPU tensors
+        box = torch.tensor([total], dtype=torch.int64, device="cuda" if nccl else "cpu")
+        torch.distributed.all_reduce(box)
+        total = int(box)
+    return total
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -442,21 +531,26 @@ class EpochBatches(torch.utils.data.Sampler):
 
 class TarShards(torch.utils.data.IterableDataset):
     """Streams samples from tar shards. Per epoch e the shard list is shuffled with (seed, e) and dealt
-    out without overlap: stream g = rank * workers + w of world_size * workers gets shards[g::G]; each
-    stream passes its samples through a shuffle buffer seeded with (seed, e, g). Streams run on from
-    epoch to epoch forever (or for `epochs` epochs), so ranks never wait for each other at epoch ends.
+    out without overlap: stream g = rank * workers + w of world_size * workers gets shards[g::G]. Each stream reads
+    its shards in blocks of `shuffle_buffer` consecutive samples and yields each block in an order seeded by (seed,
+    e, rank, g, where the block starts). Streams run on from epoch to epoch forever (or for `epochs` epochs), so
+    ranks never wait for each other at epoch ends.
 
-    Resume: each sample carries (stream, epoch, position in the stream's epoch). With DataLoader workers
-    the global batch j comes from stream j % workers; `state` maps each stream to the (epoch, position)
-    after its last consumed batch and `start_step` rotates the streams over the workers so that the first
-    worker continues with batch `start_step`. Skipping to a position reads the tar bytes of the skipped
-    samples but decodes none of them."""
+    Resume: each sample carries its stream, its epoch and the stream's position after it: (shard number in the
+    stream's list, byte offset of the block's first member in that shard, samples of the block done), or the next
+    block's start once a block is done. With DataLoader workers the global batch j comes from stream j % workers;
+    `state` maps each stream to [epoch, shard, offset, done] after its last consumed batch and `start_step` rotates
+    the streams over the workers so that the first worker continues with batch `start_step`. A resumed stream
+    seeks to its block and reads that block again (at most `shuffle_buffer` samples), never the data before it.
+    Why blocks and not a running shuffle buffer (which draws one sample of the buffer each time a sample comes in):
+    a running buffer's contents at a position are samples from anywhere before it, whose offsets would all go into
+    the checkpoint and be read back one by one; a block is four numbers and one sequential read."""
 
     def __init__(self, urls, image_views, text_views, context_length=77, seed=0, rank=0, world_size=1,
                  workers=1, shuffle_buffer=1000, start_step=0, state=None, epochs=None):
         self.urls, self.image_views, self.text_views = list(urls), image_views, text_views
         self.context_length, self.seed, self.rank, self.world_size = context_length, seed, rank, world_size
-        self.workers, self.shuffle_buffer, self.epochs = max(1, workers), shuffle_buffer, epochs
+        self.workers, self.shuffle_buffer, self.epochs = max(1, workers), max(1, shuffle_buffer), epochs
         self.start_step, self.state = start_step, state or {}
         self.draft_side = augment.draft_side(image_views)  # see load_image
         if len(self.urls) < world_size * self.workers:
@@ -470,33 +564,50 @@ class TarShards(torch.utils.data.IterableDataset):
         random.Random(f"shards/{self.seed}/{epoch}").shuffle(order)
         return order[self.rank * self.workers + stream :: self.world_size * self.workers]
 
-    def raw_stream(self, stream, epoch):
-        """(key, files) of one stream's epoch, shuffled through the buffer."""
-        rng = random.Random(f"buffer/{self.seed}/{epoch}/{self.rank}/{stream}")
-        buffer = []
-        for url in self.shards(stream, epoch):
+    def read_block(self, urls, shard, offset):
+        """Up to shuffle_buffer (key, files) items from byte `offset` of urls[shard] on, across shards, and the
+        (shard, offset) where the next block starts. An unreadable shard is one (None, None) item; the samples
+        read from it before the error stay."""
+        block = []
+        while shard < len(urls) and len(block) < self.shuffle_buffer:
             try:
-                for sample in tar_samples(url):
-                    buffer.append(sample)
-                    if len(buffer) >= self.shuffle_buffer:
-                        k = rng.randrange(len(buffer))
-                        buffer[k], buffer[-1] = buffer[-1], buffer[k]
-                        yield buffer.pop()
+                for key, files, offset in tar_samples(urls[shard], offset):
+                    block.append((key, files))
+                    if len(block) == self.shuffle_buffer and offset is not None:
+                        return block, (shard, offset)
             except (OSError, tarfile.TarError, EOFError) as e:  # missing or truncated shard: keep what was read
-                report_skip(f"shard {url}", e)
-                yield None, None  # counted as one skipped item
-        rng.shuffle(buffer)
-        yield from buffer
+                report_skip(f"shard {urls[shard]}", e)
+                block.append((None, None))  # counted as one skipped item
+            shard, offset = shard + 1, 0
+        return block, (shard, offset)
+
+    def raw_stream(self, stream, epoch, shard=0, offset=0, done=0):
+        """((key, files), position after it) of one stream's epoch, from block (shard, offset) with `done` items of
+        it passed over."""
+        urls = self.shards(stream, epoch)
+        while shard < len(urls):
+            block, (next_shard, next_offset) = self.read_block(urls, shard, offset)
+            order = list(range(len(block)))
+            random.Random(f"block/{self.seed}/{epoch}/{self.rank}/{stream}/{shard}/{offset}").shuffle(order)
+            for i in range(done, len(block)):
+                yield block[order[i]], ((shard, offset, i + 1) if i + 1 < len(block) else (next_shard, next_offset, 0))
+            del block  # before the next block is read: one block in memory, not two
+            shard, offset, done = next_shard, next_offset, 0
 
     def __iter__(self):
         info = torch.utils.data.get_worker_info()
         worker = info.id if info is not None else 0
         stream = (worker + self.start_step) % self.workers
-        epoch, skip = self.state.get(stream, (0, 0))
+        epoch, *position = self.state.get(stream, (0, 0, 0, 0))
+        skip = 0
+        if len(position) == 1:  # [epoch, items read]: a state of data.py before byte offsets (see build_loader)
+            position, skip = [0, 0, 0], position[0]
+        bad = 0  # unreadable items since the last sample yielded: counted with the next one
         while self.epochs is None or epoch < self.epochs:
-            good = bad = 0
-            for position, (key, files) in enumerate(self.raw_stream(stream, epoch), start=1):
-                if position <= skip:
+            good, from_start = 0, list(position) == [0, 0, 0] and skip == 0
+            for (key, files), after in self.raw_stream(stream, epoch, *position):
+                if skip:
+                    skip -= 1
                     continue
                 try:
                     if key is None:
@@ -509,12 +620,12 @@ class TarShards(torch.utils.data.IterableDataset):
                     continue
                 images, tokens, params = make_views(image, caption, self.image_views, self.text_views,
                                                     self.context_length, f"{self.seed}/{epoch}/{key}")
-                yield images, tokens, params, bad, stream, epoch, position
+                yield images, tokens, params, bad, stream, epoch, torch.tensor(after)
                 good, bad = good + 1, 0
-            if good == 0 and skip == 0:
+            if good == 0 and from_start:
                 raise RuntimeError(f"tar stream {stream} of rank {self.rank} read no usable sample in epoch {epoch} "
                                    f"from shards {self.shards(stream, epoch)[:3]}...")
-            epoch, skip = epoch + 1, 0
+            epoch, position = epoch + 1, [0, 0, 0]
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -524,7 +635,7 @@ class TarShards(torch.utils.data.IterableDataset):
 class Loader:
     """Endless iterator of (images [B, V, 3, H, W] uint8, tokens [B, T, L], params [B, V, P]) batches. `skipped`
     counts the unreadable samples passed over so far on this rank; `state_dict()` is the data position to put in
-    a checkpoint (the step, and for tar streams each stream's epoch and position)."""
+    a checkpoint (the step, and for tar streams each stream's epoch and position: TarShards)."""
 
     def __init__(self, dataloader, steps_per_epoch, start_step, stream_state=None):
         self.dataloader, self.steps_per_epoch = dataloader, steps_per_epoch
@@ -540,8 +651,8 @@ class Loader:
     def generate(self):
         for images, tokens, params, skipped, stream, epoch, position in self.dataloader:
             self.skipped += int(skipped.sum())
-            if stream[-1] >= 0:
-                self.streams[int(stream[-1])] = (int(epoch[-1]), int(position[-1]))
+            if stream[-1] >= 0:  # tar: [epoch, shard, offset, done] of the batch's stream (TarShards)
+                self.streams[int(stream[-1])] = (int(epoch[-1]), *position[-1].tolist())
             self.step += 1
             yield images, tokens, params
 
@@ -571,7 +682,7 @@ class TarProbe:
         self.samples = []
         for url in urls:
             try:
-                for key, files in tar_samples(url):
+                for key, files, _ in tar_samples(url):
                     self.samples.append(files)
                     if len(self.samples) >= n:
                         return
@@ -633,10 +744,12 @@ def end_workers_at_exit():
 
 def build_loader(spec, batch_size, image_views, text_views, *, rank=0, world_size=1, workers=0, seed=0,
                  context_length=77, image_size=224, start_step=0, state=None, pin_memory=False,
-                 csv_img_key="filepath", csv_caption_key="caption", csv_separator=None, num_samples=None):
+                 csv_img_key="filepath", csv_caption_key="caption", csv_separator=None, num_samples=None,
+                 shuffle_buffer=1000):
     """The training loader of any source under DDP or not. `spec`: 'synthetic', a .csv/.tsv file or a
     tar-shard pattern. `batch_size` is per rank. `num_samples` sets the epoch length of tar shards
-    (default: counted from the tar headers). Returns a Loader with `.steps_per_epoch`."""
+    (default: count_samples); `shuffle_buffer`: their shuffle block (TarShards). Returns a Loader with
+    `.steps_per_epoch`."""
     kind = source_kind(spec)
     # generator: a DataLoader draws its workers' base seed when an iterator starts, by default from torch's global
     # RNG, which the training step's dropout uses and a checkpoint restores: a resumed run would draw it after the
@@ -658,10 +771,14 @@ def build_loader(spec, batch_size, image_views, text_views, *, rank=0, world_siz
             raise SystemExit(f"--data {spec}: the checkpoint's tar streams were read by {saved_workers} loader workers "
                              f"per rank; resume with --workers {saved_workers} (each worker is one stream of shards, "
                              f"so another count would read other samples)")
+        streams = {int(k): tuple(v) for k, v in (state or {}).get("streams", {}).items()}
+        if rank == 0 and any(len(v) == 2 for v in streams.values()):
+            print("[data] note: the checkpoint's tar-stream positions come from an older data.py (samples read, not "
+                  "byte offsets): each stream reads its epoch again up to that count, in this version's order, so "
+                  "the run continues but not bit for bit", file=sys.stderr)
         dataset = TarShards(present, image_views, text_views, context_length, seed, rank, world_size, workers,
-                            start_step=start_step,
-                            state={int(k): tuple(v) for k, v in (state or {}).get("streams", {}).items()})
-        num_samples = num_samples or count_on_rank_0(present, rank, world_size)
+                            shuffle_buffer, start_step=start_step, state=streams)
+        num_samples = num_samples or count_samples(present, rank, world_size)
         steps_per_epoch = max(1, num_samples // (batch_size * world_size))
         loader = torch.utils.data.DataLoader(dataset, drop_last=True, **common)
         return Loader(loader, steps_per_epoch, start_step, dataset.state)

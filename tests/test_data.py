@@ -312,7 +312,7 @@ def test_tar_samples_are_counted_as_they_are_grouped(tmp_path):
             add_file(tar, f"v1.2/{i:06d}.seg.png", b"mask")  # another part of the same sample
             add_file(tar, f"v1.2/{i:06d}.jpg", jpeg_bytes((0, 10 * i, 0)))
             add_file(tar, f"v1.2/{i:06d}.txt", f"dotted {i}".encode())
-    grouped = [key for key, files in data.tar_samples(path) if "jpg" in files]
+    grouped = [key for key, files, _ in data.tar_samples(path) if "jpg" in files]
     assert len(grouped) == 5 and data.count_tar_samples([path]) == 5
 
 
