@@ -27,7 +27,6 @@ is the same in clip.py, nclip.py and xclip.py.
 """
 
 import argparse
-import copy
 import importlib.util
 import json
 import math
@@ -65,7 +64,6 @@ RECIPES = {  # --recipe presets (Fini et al. 2023, official code); a component f
     "improved": dict(strong_views=2, weak_crop_scale=0.5, strong_image_augment=True, text_augment=True,
                      mlp_projector=True, label_smoothing=0.1, text_dropout=0.2),
 }
-SSL_WEIGHTS = {"simclr": 1.0, "simsiam": 1.0, "byol": 1.0, "barlow": 0.025, "vicreg": 0.04, "swav": 0.2, "swalip": 0.2}
 
 
 def method_args(parser):
@@ -98,7 +96,7 @@ def method_args(parser):
                    help="evaluation: the 'mix' head scores w * s_linear + (1 - w) * s_mlp")
 
     g = parser.add_argument_group("CLIP + SSL baselines (SLIP, Mu et al. 2021; Fini et al. 2023)")
-    g.add_argument("--ssl", default="none", choices=["none"] + list(SSL_WEIGHTS),
+    g.add_argument("--ssl", default="none", choices=["none"] + list(ssl_losses.SSL_HEADS),
                    help="add a self-supervised loss: simclr on two extra SimCLR image views (SLIP); simsiam, byol, "
                         "barlow, vicreg between the image and the text embedding (SiamLIP, BYOLIP, BarLIP, VICReg); "
                         "swav on learned prototypes, weak pair (SwALIPV1); swalip, the strong pairs with the other "
@@ -132,7 +130,7 @@ def resolve_method_args(args, parser):
     if args.swav_freeze_iters < 0:
         parser.error(f"--swav-freeze-iters must be >= 0, got {args.swav_freeze_iters}")
     if args.ssl_weight is None:
-        args.ssl_weight = SSL_WEIGHTS.get(args.ssl, 0.0)
+        args.ssl_weight = ssl_losses.SSL_HEADS[args.ssl].weight if args.ssl != "none" else 0.0
     strong_only = {"strong_image_augment", "mlp_projector", "label_smoothing", "text_dropout"}
     if args.strong_views == 0 and any(getattr(args, k) for k in strong_only & explicit):
         flags = "/--".join(sorted(k.replace("_", "-") for k in strong_only & explicit))
@@ -143,11 +141,9 @@ def resolve_method_args(args, parser):
 
 
 class CLIP(nn.Module):
-    """Two towers, a linear projection each and the learnable temperature t (scale s = exp(t)).
-    Improved recipe: strong_views A > 0 adds A strong (image, text) views per sample, optionally through
-    an MLP projector per modality with its own temperature, and dropout in the text tower for them.
-    ssl != 'none' adds the heads of that SSL loss (and for byol an EMA teacher, updated in after_step); swalip
-    has none: it works on the strong-view embeddings."""
+    """Two towers, a linear projection each and the learnable temperature t (scale s = exp(t)). Improved recipe:
+    strong_views A > 0 strong (image, text) views per sample, text dropout on them, and (mlp_projector) their own MLP
+    projector and temperature. ssl != 'none': that SSL baseline's heads (ssl_losses.py, with its loss), `ssl_head`."""
 
     def __init__(self, model="tiny", vocab_size=data.VOCAB_SIZE, strong_views=0, mlp_projector=False,
                  mlp_hidden=4096, text_dropout=0.0, mix_weight=0.5, ssl="none", ema=0.99, swav_freeze_iters=100):
@@ -155,7 +151,6 @@ class CLIP(nn.Module):
         cfg = PRESETS[model]
         vw, tw, D = cfg["vision_width"], cfg["text_width"], cfg["embed_dim"]
         self.strong_views, self.text_dropout, self.mix_weight = strong_views, text_dropout, mix_weight
-        self.ssl, self.ema = ssl, ema
         self.visual = VisionTower(cfg["image_size"], cfg["patch_size"], vw, cfg["vision_layers"], cfg["vision_heads"])
         self.text = TextTower(vocab_size, cfg["context_length"], tw, cfg["text_layers"], cfg["text_heads"])
         self.image_projection = nn.Linear(vw, D, bias=False)
@@ -165,33 +160,11 @@ class CLIP(nn.Module):
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))  # t; s = exp(t) starts at 1/0.07
         self.has_mlp = strong_views > 0 and mlp_projector
         if self.has_mlp:  # Fini et al.: strong pairs get their own projector and temperature (init 1/0.1)
-            self.image_mlp = mlp([vw, mlp_hidden, mlp_hidden, D])
-            self.text_mlp = mlp([tw, mlp_hidden, mlp_hidden, D])
+            self.image_mlp = ssl_losses.mlp([vw, mlp_hidden, mlp_hidden, D])
+            self.text_mlp = ssl_losses.mlp([tw, mlp_hidden, mlp_hidden, D])
             self.mlp_logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.1)))
-        if ssl not in ("none", "swalip"):  # swalip has no head of its own: it uses the strong-view embeddings
-            hidden, out, *prototypes = (SSL_HEADS_TINY if model == "tiny" else SSL_HEADS)[ssl]
-            if ssl == "simclr":  # SLIP: an MLP on two extra image views
-                self.ssl_image = mlp([vw, hidden, hidden, out])
-            elif ssl in ("simsiam", "byol"):  # SiamLIP: projectors ending in BN, and cross-modal predictors
-                self.ssl_image = mlp([vw, hidden, out], last_bn=True, last_affine=False)
-                self.ssl_text = mlp([tw, hidden, out], last_bn=True, last_affine=False)
-                self.predict_text = mlp([out, hidden, out])  # from the image embedding, predicts the text target
-                self.predict_image = mlp([out, hidden, out])
-            elif ssl == "swav":  # SwALIPV1: a projector per modality, unit-norm prototypes shared by both
-                self.ssl_image, self.ssl_text = mlp([vw, hidden, out]), mlp([tw, hidden, out])
-                self.swav_prototypes = Prototypes(out, prototypes[0], swav_freeze_iters)
-                # The freeze leaves the prototypes without a gradient, which DDP would wait for: DDP skips them
-                # and they average their gradient over ranks themselves (Prototypes.forward).
-                DDP._set_params_and_buffers_to_ignore_for_model(self, ["swav_prototypes.weight"])
-            else:  # barlow (BarLIP: 3 layers, BN last), vicreg
-                self.ssl_image = mlp([vw, hidden, hidden, out], last_bn=ssl == "barlow")
-                self.ssl_text = mlp([tw, hidden, hidden, out], last_bn=ssl == "barlow")
-            if ssl == "byol":  # BYOLIP: the targets come from an EMA copy of towers and projectors
-                self.teacher = nn.ModuleDict({k: copy.deepcopy(getattr(self, k)) for k in self.ema_parts()})
-                self.teacher.requires_grad_(False)
-
-    def ema_parts(self):
-        return ("visual", "text", "ssl_image", "ssl_text")
+        self.ssl_head = ssl_losses.build_head(ssl, self.visual, self.text, model == "tiny", ema, swav_freeze_iters)
+        DDP._set_params_and_buffers_to_ignore_for_model(self, ssl_losses.self_averaged(self))  # SwAV's prototypes
 
     def encode_image(self, images):  # [B, 3, H, W] -> [B, D], unit norm
         return F.normalize(self.image_projection(self.visual(images)), dim=-1)
@@ -205,25 +178,12 @@ class CLIP(nn.Module):
         return self.heads(self.towers(images, tokens))
 
     def towers(self, images, tokens, teacher=True):
-        """The towers on every view -> {"image": [B, V, Cv], "text": [B, 1 + A, Ct]}, with the BYOL teacher's
-        towers (no gradient) unless teacher=False. Gradient caching (--accum-steps) runs this per micro-batch."""
-        B, A = len(images), self.strong_views
-        f_image = self.visual(images.flatten(0, 1)).unflatten(0, (B, images.shape[1]))  # [B, V, Cv]
-        f_text = self.text(tokens[:, 0])[:, None]  # [B, 1, Ct], no dropout on the weak view
-        if A > 0:
-            f_strong = self.text(tokens[:, 1:].flatten(0, 1), dropout=self.text_dropout)  # [B * A, Ct]
-            f_strong = f_strong.unflatten(0, (B, A))  # [B, A, Ct]
-            f_text = torch.cat([f_text, f_strong], dim=1)  # [B, 1 + A, Ct]
-        features = {"image": f_image, "text": f_text}
-        if self.ssl == "byol" and teacher:
-            with torch.no_grad():
-                t = self.teacher
-                t_image = t["visual"](images[:, : 1 + A].flatten(0, 1)).unflatten(0, (B, 1 + A))  # [B, 1 + A, Cv]
-                t_text = t["text"](tokens[:, 0])[:, None]  # [B, 1, Ct]
-                if A > 0:  # the teacher runs in training mode too: text dropout on strong views (official code)
-                    t_strong = t["text"](tokens[:, 1:].flatten(0, 1), dropout=self.text_dropout)  # [B * A, Ct]
-                    t_text = torch.cat([t_text, t_strong.unflatten(0, (B, A))], dim=1)  # [B, 1 + A, Ct]
-            features.update(teacher_image=t_image, teacher_text=t_text)
+        """The towers on every view -> {"image": [B, V, Cv], "text": [B, 1 + A, Ct]}, and those of BYOL's EMA
+        teacher unless teacher=False. Gradient caching (--accum-steps) runs this per micro-batch."""
+        run = lambda visual, text: tower_features(visual, text, images, tokens, self.strong_views, self.text_dropout)
+        features = run(self.visual, self.text)
+        if teacher and self.ssl_head is not None:
+            features.update(self.ssl_head.teacher_features(run))
         return features
 
     def heads(self, features):
@@ -234,182 +194,54 @@ class CLIP(nn.Module):
                "logit_scale": self.logit_scale.exp()}
         if A > 0:
             heads = (self.image_mlp, self.text_mlp) if self.has_mlp else (self.image_projection, self.text_projection)
-            out["strong_image"] = F.normalize(per_view(heads[0], f_image[:, 1 : 1 + A]), dim=-1)  # [B, A, D]
-            out["strong_text"] = F.normalize(per_view(heads[1], f_text[:, 1:]), dim=-1)  # [B, A, D]
+            out["strong_image"] = F.normalize(ssl_losses.per_view(heads[0], f_image[:, 1 : 1 + A]), dim=-1)  # [B, A, D]
+            out["strong_text"] = F.normalize(ssl_losses.per_view(heads[1], f_text[:, 1:]), dim=-1)  # [B, A, D]
             out["strong_logit_scale"] = (self.mlp_logit_scale if self.has_mlp else self.logit_scale).exp()
-        if self.ssl == "simclr":
-            out["ssl_z1"], out["ssl_z2"] = self.ssl_image(f_image[:, -2]), self.ssl_image(f_image[:, -1])  # [B, d]
-        elif self.ssl == "swav":  # the weak pair only, as SwALIPV1 (built on CLIP without strong views)
-            out["ssl_image"] = self.swav_prototypes(self.ssl_image(f_image[:, 0]))  # [B, K]
-            out["ssl_text"] = self.swav_prototypes(self.ssl_text(f_text[:, 0]))  # [B, K]
-        elif self.ssl in ("simsiam", "byol", "barlow", "vicreg"):
-            out["ssl_image"] = per_view(self.ssl_image, f_image[:, : 1 + A])  # [B, 1 + A, d]
-            out["ssl_text"] = per_view(self.ssl_text, f_text)  # [B, 1 + A, d]
-            if self.ssl in ("simsiam", "byol"):
-                out["ssl_image_pred"] = per_view(self.predict_text, out["ssl_image"])  # [B, 1 + A, d]
-                out["ssl_text_pred"] = per_view(self.predict_image, out["ssl_text"])  # [B, 1 + A, d]
-            if self.ssl == "byol":  # the targets: the teacher's projectors on the teacher's tower features
-                with torch.no_grad():
-                    out["ssl_image"] = per_view(self.teacher["ssl_image"], features["teacher_image"])  # [B, 1 + A, d]
-                    out["ssl_text"] = per_view(self.teacher["ssl_text"], features["teacher_text"])  # [B, 1 + A, d]
+        if self.ssl_head is not None:
+            out.update(self.ssl_head(features))  # ssl_* keys
         return out
 
     def after_step(self, applied):
-        """After each optimizer step (`applied`: a bool tensor, False when a non-finite gradient made the
-        scaler skip it): clamp the temperatures (not in the forward, which would cut their gradient at the
-        bound), keep the BatchNorm running statistics and move the EMA teacher only if the step was applied,
-        count the step for the swav freeze."""
+        """After each optimizer step (applied: a bool tensor, False for a skipped step): clamp the temperatures (not in
+        the forward, which cuts their gradient), keep BatchNorm statistics of applied steps, update the SSL head."""
         with torch.no_grad():
-            self.logit_scale.clamp_(0, math.log(100))
-            if self.has_mlp:
-                self.mlp_logit_scale.clamp_(0, math.log(100))
-            for module in self.modules():
-                if isinstance(module, BatchNorm):
-                    module.apply_running(applied)
-            if self.ssl == "byol":
-                weight = (1 - self.ema) * applied.float()  # 0 for a skipped step: the teacher stays
-                for part in self.ema_parts():
-                    for teacher, student in zip(self.teacher[part].parameters(), getattr(self, part).parameters()):
-                        teacher.lerp_(student, weight)
-        if self.ssl == "swav":
-            self.swav_prototypes.count_step()
+            for t in [self.logit_scale] + ([self.mlp_logit_scale] if self.has_mlp else []):
+                t.clamp_(0, math.log(100))
+            ssl_losses.BatchNorm.apply_all(self, applied)
+        if self.ssl_head is not None:
+            self.ssl_head.after_step(self, applied)
 
     def zeroshot_heads(self):
-        """{name: (encode_image, encode_text)} for the zero-shot evaluation; the first is the main one.
-        With the MLP projector: its head, and the mix w * s_linear + (1 - w) * s_mlp, which is the cosine
-        of the concatenated vectors [sqrt(w) z, sqrt(1 - w) h]."""
-        heads = {"linear": (self.encode_image, self.encode_text)}
+        """{name: (encode_image, encode_text)} for zero-shot evaluation, the main one first; with the MLP projector
+        also its head and the mix w s_linear + (1 - w) s_mlp, the cosine of the vectors [sqrt(w) z, sqrt(1 - w) h]."""
+        heads, w = {"linear": (self.encode_image, self.encode_text)}, self.mix_weight
         if self.has_mlp:
             mlp_image = lambda x: F.normalize(self.image_mlp(self.visual(x)), dim=-1)
             mlp_text = lambda t: F.normalize(self.text_mlp(self.text(t)), dim=-1)
-            w = self.mix_weight
             heads["mlp"] = (mlp_image, mlp_text)
             heads["mix"] = (lambda x: torch.cat([w**0.5 * self.encode_image(x), (1 - w) ** 0.5 * mlp_image(x)], -1),
                             lambda t: torch.cat([w**0.5 * self.encode_text(t), (1 - w) ** 0.5 * mlp_text(t)], -1))
         return heads
 
     def flops_per_sample(self, text_length=None, recompute=False):
-        """Training FLOPs per pair (forward + backward = 3 forwards) of the towers and linear projections,
-        for every view, captions run on text_length tokens (default: the full context); the small heads are
-        left out; byol adds the teacher's forward, gradient caching (recompute=True) a second forward of the towers."""
-        image_views, text_views = 1 + self.strong_views + (2 if self.ssl == "simclr" else 0), 1 + self.strong_views
-        towers = image_views * self.visual.flops() + text_views * self.text.flops(text_length)
+        """Training FLOPs per pair (forward + backward = 3 forwards) of the towers and projections on every view,
+        captions cut at text_length tokens; BYOL's teacher adds a forward, gradient caching a towers' forward."""
+        image_views = 1 + self.strong_views + getattr(self.ssl_head, "extra_image_views", 0)
+        towers = image_views * self.visual.flops() + (1 + self.strong_views) * self.text.flops(text_length)
         forward = towers + 2 * (self.image_projection.weight.numel() + self.text_projection.weight.numel())
-        return 3 * forward + (forward if self.ssl == "byol" else 0) + (towers if recompute else 0)
+        return 3 * forward + (forward if hasattr(self.ssl_head, "teacher") else 0) + (towers if recompute else 0)
 
 
-class BatchNorm(nn.BatchNorm1d):
-    """BatchNorm1d whose training statistics are those of the global batch: the sums go through an
-    autograd-aware all-reduce, so 2 ranks on halves compute exactly what 1 process computes on the whole
-    batch, on gloo (CPU) and NCCL alike. (torch.nn.SyncBatchNorm does the same on GPUs only.)
-    The running statistics of a step go to `pending_*` buffers first and become the running ones only if the
-    step is applied (apply_running); buffers, updated in place, and not Python attributes, so that
-    torch.compile traces them without a recompile per step."""
-
-    STATISTICS = ("running_mean", "running_var", "num_batches_tracked")
-
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        for name in self.STATISTICS:
-            self.register_buffer("pending_" + name, getattr(self, name).clone(), persistent=False)
-
-    def forward(self, x):  # [b, C]
-        if not self.training:
-            return super().forward(x)  # running statistics
-        x = x.float()
-        n = x.shape[0] * get_world_size()
-        mean = all_reduce_with_grad(x.sum(0)) / n  # [C]
-        var = all_reduce_with_grad(((x - mean) ** 2).sum(0)) / n  # [C], biased, as BatchNorm1d
-        with torch.no_grad():  # the step's running statistics, held until the step is known to be applied
-            self.pending_running_mean.lerp_(mean, self.momentum)
-            self.pending_running_var.lerp_(var * n / max(1, n - 1), self.momentum)  # unbiased, as BatchNorm1d
-            self.pending_num_batches_tracked += 1
-        x = (x - mean) / torch.sqrt(var + self.eps)  # [b, C]
-        return x * self.weight + self.bias if self.affine else x
-
-    def apply_running(self, applied):
-        """After the optimizer step: keep this step's running statistics only if the step was applied (a
-        skipped non-finite step leaves them as they were). `applied`: a bool tensor on the device, no sync."""
-        for name in self.STATISTICS:
-            running, pending = getattr(self, name), getattr(self, "pending_" + name)
-            running.copy_(torch.where(applied, pending, running))
-            pending.copy_(running)
-
-    def _load_from_state_dict(self, *args, **kwargs):  # a loaded checkpoint's statistics are the pending ones too
-        super()._load_from_state_dict(*args, **kwargs)
-        for name in self.STATISTICS:
-            getattr(self, "pending_" + name).copy_(getattr(self, name))
-
-
-def mlp(dims, last_bn=False, last_affine=True):
-    """Linear-BN-ReLU for every hidden width, then a Linear (and a BatchNorm if last_bn): the projectors
-    and predictors of SimCLR, SimSiam, Barlow Twins and the strong branch of Fini et al."""
-    layers = []
-    for d_in, d_out in zip(dims[:-2], dims[1:-1]):
-        layers += [nn.Linear(d_in, d_out, bias=False), BatchNorm(d_out), nn.ReLU()]
-    layers.append(nn.Linear(dims[-2], dims[-1], bias=not last_bn))
-    if last_bn:
-        layers.append(BatchNorm(dims[-1], affine=last_affine))
-    return nn.Sequential(*layers)
-
-
-def per_view(head, features):
-    """Apply a head to each view separately (its BatchNorm sees one view at a time): [B, V, C] -> [B, V, d]."""
-    return torch.stack([head(features[:, v]) for v in range(features.shape[1])], dim=1)
-
-
-class Prototypes(nn.Module):
-    """K learnable unit-norm prototypes c_k [K, d] (SwAV; Fini et al.'s SwALIPV1, a weight-normalised Linear with
-    the norm fixed at 1 and nn.Linear's initialisation), scores z . c_k of normalised embeddings, in fp32. As in the
-    official code, the prototypes get no gradient in the first `freeze_iters` optimizer steps, so the optimizer
-    skips them (no step, no weight decay, Adam moments and step count untouched). DDP skips them too (see
-    CLIP.__init__): their gradient is averaged over ranks here, as DDP would."""
-
-    def __init__(self, dim, K, freeze_iters):
-        super().__init__()
-        self.weight = nn.Parameter(torch.empty(K, dim).uniform_(-(dim**-0.5), dim**-0.5))  # [K, d]
-        self.freeze_iters, self.steps_done = freeze_iters, 0
-        self.frozen = freeze_iters > 0  # a bool, not the count, in the forward: torch.compile recompiles once
-
-    def forward(self, z):  # [B, d] -> [B, K]
-        c = self.weight.detach() if self.frozen else AverageGradient.apply(self.weight)  # [K, d]
-        with torch.autocast(z.device.type, enabled=False):  # fp32 scores, as nCLIP's: Sinkhorn divides them by 0.05
-            return F.normalize(z.float(), dim=-1) @ F.normalize(c.float(), dim=-1).t()  # [B, K]
-
-    def count_step(self):
-        self.steps_done += 1
-        self.frozen = self.steps_done < self.freeze_iters
-
-    def get_extra_state(self):  # saved in the state dict, so a resumed run freezes for the same steps
-        return {"steps_done": self.steps_done}
-
-    def set_extra_state(self, state):
-        self.steps_done = state["steps_done"]
-        self.frozen = self.steps_done < self.freeze_iters
-
-
-class AverageGradient(torch.autograd.Function):
-    """Identity whose backward averages the gradient over ranks: what DDP does for the parameters it syncs."""
-
-    @staticmethod
-    def forward(ctx, x):
-        return x.view_as(x)
-
-    @staticmethod
-    def backward(ctx, grad):
-        if get_world_size() == 1:
-            return grad
-        grad = grad.clone()  # never all-reduce autograd's buffer in place
-        dist.all_reduce(grad)
-        return grad / get_world_size()
-
-
-# SSL heads: (hidden, output) widths from the papers (SLIP; SiamLIP/BYOLIP; BarLIP; VICReg; SwALIP), and
-# narrower ones for the tiny preset. swav: output width, then the number of prototypes.
-SSL_HEADS = {"simclr": (4096, 256), "simsiam": (2048, 128), "byol": (2048, 128), "barlow": (3000, 8192),
-             "vicreg": (3000, 8192), "swav": (2048, 128, 3000)}
-SSL_HEADS_TINY = {"simclr": (256, 64), "simsiam": (256, 64), "byol": (256, 64), "barlow": (256, 256),
-                  "vicreg": (256, 256), "swav": (256, 64, 256)}
+def tower_features(visual, text, images, tokens, strong_views, text_dropout):
+    """A pair of towers on every view: images [B, V, 3, H, W] -> [B, V, Cv]; tokens [B, 1 + A, L] -> [B, 1 + A, Ct],
+    the A strong captions with text dropout (BYOL's teacher runs its towers through this too)."""
+    B, A = len(images), strong_views
+    f_image = visual(images.flatten(0, 1)).unflatten(0, (B, images.shape[1]))  # [B, V, Cv]
+    f_text = text(tokens[:, 0])[:, None]  # [B, 1, Ct], no dropout on the weak view
+    if A > 0:
+        f_strong = text(tokens[:, 1:].flatten(0, 1), dropout=text_dropout)  # [B * A, Ct]
+        f_text = torch.cat([f_text, f_strong.unflatten(0, (B, A))], dim=1)  # [B, 1 + A, Ct]
+    return {"image": f_image, "text": f_text}
 
 
 def build_model(args):
@@ -478,32 +310,6 @@ def gather_with_grad(x):
 # --- end shared: clip-loss ---
 
 
-def ssl_loss(out, name):
-    """The SSL term, from ssl_losses.py. simclr: NT-Xent between the two extra image views (SLIP). The others
-    are cross-modal, as in Fini et al.: simsiam, byol (SiamLIP, BYOLIP), barlow (BarLIP) and vicreg are averaged
-    over the weak pair and every (strong image view, strong text view) pair; swav (SwALIPV1) takes the weak
-    pair; swalip (SwALIP) the strong pairs, from the strong-view embeddings and their temperature."""
-    if name == "simclr":
-        return ssl_losses.simclr_loss(out["ssl_z1"], out["ssl_z2"], temperature=0.1)
-    if name == "swav":  # scores on the shared prototypes; each modality predicts the other's Sinkhorn assignment
-        return ssl_losses.swav_loss(out["ssl_image"], out["ssl_text"], temperature=0.1)
-    if name == "swalip":
-        return ssl_losses.swalip_loss(out["strong_image"], out["strong_text"], out["strong_logit_scale"])
-    A = out["ssl_image"].shape[1] - 1
-    pairs = [(0, 0)] + [(1 + a, 1 + b) for a in range(A) for b in range(A)]  # (image view, text view)
-    terms = []
-    for i, t in pairs:
-        z_i, z_t = out["ssl_image"][:, i], out["ssl_text"][:, t]  # [B, d] each
-        if name in ("simsiam", "byol"):  # D(p, v) = 2 - 2 cos(p, sg(v)), each modality predicting the other
-            terms.append((ssl_losses.byol_loss(out["ssl_image_pred"][:, i], z_t)
-                          + ssl_losses.byol_loss(out["ssl_text_pred"][:, t], z_i)) / 2)
-        elif name == "barlow":  # the projectors end in an affine BatchNorm: no second standardisation
-            terms.append(ssl_losses.barlow_twins_loss(z_i, z_t, standardise=False))
-        else:  # vicreg
-            terms.append(ssl_losses.vicreg_loss(z_i, z_t))
-    return torch.stack(terms).mean()
-
-
 def compute_loss(out, args):
     """The method's loss from the model outputs -> (loss, {name: value to log}).
     Plain CLIP: the InfoNCE g of the (weak) pair. Improved recipe (Fini et al. 2023), per direction:
@@ -519,7 +325,7 @@ def compute_loss(out, args):
         logs.update(weak_loss=g.detach(), strong_loss=l.detach(),
                     strong_logit_scale=out["strong_logit_scale"].detach())
     if args.ssl != "none":
-        s = ssl_loss(out, args.ssl)
+        s = ssl_losses.ssl_loss(out, args.ssl)
         loss = loss + args.ssl_weight * s
         logs["ssl_loss"] = s.detach()
     return loss, logs
