@@ -45,16 +45,12 @@ class AllReduceWithGrad(torch.autograd.Function):
     output, so its gradient is the sum of all ranks' output gradients."""
 
     @staticmethod
-    def forward(ctx, x):
-        x = x.clone()
+    def forward(ctx, x):  # also the backward, on the output gradient
+        x = x.clone()  # never all-reduce autograd's buffer in place
         dist.all_reduce(x)
         return x
 
-    @staticmethod
-    def backward(ctx, grad):
-        grad = grad.clone()
-        dist.all_reduce(grad)
-        return grad
+    backward = forward
 
 
 def all_reduce_with_grad(x):
