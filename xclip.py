@@ -4,18 +4,16 @@ One forward of shared towers feeds two heads per modality: CLIP's linear project
 batch, see clip.py) and nCLIP's prototype heads (cross-modal distribution prediction, see nclip.py):
     L = alpha * L_CLIP + beta * L_nCLIP
     L_CLIP  = 1/2 [ CE(s I T^T, y) + CE(s T I^T, y) ]
-    L_nCLIP = 1/2 [ H(q_T, p_I) + H(q_I, p_T) ] + lambda * 1/2 sum_m ( log K - H(mean over the batch of p_m) )
-The paper reports that the two objectives help each other: better zero-shot transfer and better
-representations than CLIP alone. alpha = beta = 1 by default; a public summary of the paper reports
-0.3 / 0.7 (unverified), so both weights are flags.
+    L_nCLIP = 1/2 [ H(q_T, p_I) + H(q_I, p_T) ] + 1/2 sum_m [ lambda (log K - H(mean_b p_m)) + mu mean_b H(p_m) ]
+(m = I, T; mean_b over the global batch; the per-sample entropy term mu, --sharpness, is on by default, as lambda).
+The paper reports that the two objectives help each other: better zero-shot transfer and better representations
+than CLIP alone. alpha = beta = 1 by default; a public summary of the paper reports 0.3 / 0.7 (unverified).
 
-A reconstruction, not the authors' code: their code was never released; the nCLIP head, temperatures
-and anti-collapse term are our choices, argued in nclip.py's docstring. Zero-shot uses the CLIP head
-("linear"); the nCLIP head's Bhattacharyya score is evaluated too ("nclip").
+A reconstruction (the authors' code was never released): nCLIP's head, temperatures and anti-collapse terms are
+ours, argued in nclip.py's docstring. Zero-shot uses the CLIP head ("linear") and scores the nCLIP head too ("nclip").
 
-Differs from nclip.py in:
-  - the model also has CLIP's linear projections and temperature, and its loss adds InfoNCE (`xclip_loss`)
-  - zero-shot evaluation scores the CLIP head first
+Differs from nclip.py in: CLIP's linear projections and temperature besides the prototype heads, InfoNCE in the
+loss (`xclip_loss`), and zero-shot evaluation scoring the CLIP head first.
 
 Launch:
   python xclip.py                                                  # CPU: tiny model, synthetic data, ~3 min
@@ -24,12 +22,7 @@ Launch:
       --epochs 32 --batch-size 256 --lr 5e-4 --wd 0.5 --warmup 2000 --resume auto   # 8 GPUs, global batch 2048
   torchrun --nnodes=2 --nproc_per_node=8 --rdzv-backend=c10d --rdzv-endpoint=$HEAD_NODE:29500 xclip.py ...  # 2 nodes
 
-Reference result: `python xclip.py` (tiny, 600 steps x 256 pairs) on a 2-core CPU without a GPU: zero-shot
-top-1 0.975 (3 seeds: 0.978, 0.970, 0.977), linear probe 0.989, 3.3 min each; README.md "Results".
-
-Layout: the method comes first (its flags, model and heads, loss and `compute_loss`); everything after
-`# --- shared: plumbing ---` (common flags, towers, distributed helpers, training loop, checkpoints, logs)
-is the same in clip.py, nclip.py and xclip.py.
+Reference results: README.md "Results" (`python xclip.py`, 3 seeds, zero-shot and linear probe, on a 2-core CPU).
 """
 
 import argparse
@@ -61,8 +54,7 @@ def method_args(parser):
     g = parser.add_argument_group("xCLIP: L = alpha * L_CLIP + beta * L_nCLIP")
     g.add_argument("--clip-weight", type=float, default=1.0, help="alpha, the weight of the InfoNCE term")
     g.add_argument("--nclip-weight", type=float, default=1.0,
-                   help="beta, the weight of the nCLIP term (a public summary of the paper reports alpha 0.3, "
-                        "beta 0.7)")
+                   help="beta, the weight of the nCLIP term (a public summary of the paper: alpha 0.3, beta 0.7)")
     nclip_args(parser.add_argument_group("nCLIP (Zhou et al. 2023; head and regulariser reconstructed)"))
 
 
@@ -71,8 +63,7 @@ def resolve_method_args(args, parser):
 
 
 class XCLIP(nn.Module):
-    """Two towers; per modality a linear projection (CLIP) and a prototype head (nCLIP) on the same pooled
-    features; CLIP's learnable temperature."""
+    """Two towers; per modality a linear projection (CLIP) and a prototype head (nCLIP); CLIP's temperature."""
 
     def __init__(self, model="tiny", vocab_size=data.VOCAB_SIZE, prototypes=1024, head_hidden=256,
                  head_bottleneck=64, student_temp=0.1):
@@ -122,9 +113,8 @@ class XCLIP(nn.Module):
                           lambda t: sqrt_distribution(self.text_head(self.text(t)), self.student_temp))}
 
     def flops_per_sample(self, text_length=None, recompute=False):
-        """Training FLOPs per pair: forward + backward (2x forward) of the towers, projections and heads,
-        captions run on text_length tokens (default: the full context); gradient caching (recompute=True) runs
-        the towers twice."""
+        """Training FLOPs per pair: forward + backward (2x forward) of the towers, projections and heads, captions
+        cut at text_length tokens (default: the context); gradient caching (recompute=True) runs the towers twice."""
         projections = 2 * (self.image_projection.weight.numel() + self.text_projection.weight.numel())
         towers = self.visual.flops() + self.text.flops(text_length)
         heads = self.image_head.flops() + self.text_head.flops()
@@ -148,10 +138,8 @@ def nclip_args(g):
     g.add_argument("--prototypes", type=int, default=None,
                    help="K, the size of each distribution (the paper: 32768 for base models; default 32768, 1024 "
                         "for tiny). Keep the global batch in the thousands when K is large")
-    g.add_argument("--head-hidden", type=int, default=None,
-                   help="hidden width of the head's MLP (default 2048; 256 for tiny)")
-    g.add_argument("--head-bottleneck", type=int, default=None,
-                   help="width of the L2-normalised bottleneck before the prototypes (default 256; 64 for tiny)")
+    g.add_argument("--head-hidden", type=int, help="hidden width of the head's MLP (default 2048, tiny: 256)")
+    g.add_argument("--head-bottleneck", type=int, help="width of the L2-normalised bottleneck (default 256, tiny: 64)")
     g.add_argument("--student-temp", type=float, default=0.1, help="tau_s: temperature of the predictions p")
     g.add_argument("--teacher-temp", type=float, default=0.04,
                    help="tau_t of --targets softmax: below tau_s it sharpens the targets, which keeps the outputs "
@@ -170,10 +158,9 @@ def nclip_args(g):
 
 def resolve_nclip_args(args):
     """Head sizes: the paper's base-model scale, or a small head for the tiny preset."""
-    small = args.model == "tiny"
     for key, base, tiny in (("prototypes", 32768, 1024), ("head_hidden", 2048, 256), ("head_bottleneck", 256, 64)):
         if getattr(args, key) is None:
-            setattr(args, key, tiny if small else base)
+            setattr(args, key, tiny if args.model == "tiny" else base)
     return args
 
 
@@ -243,7 +230,6 @@ def sinkhorn(scores, epsilon=0.05, iters=3, capped=False):
 def nclip_loss(image_scores, text_scores, student_temp=0.1, teacher_temp=0.04, reg_weight=1.0,
                targets="sinkhorn", sharpness=1.0):
     """nCLIP (Zhou et al. 2023), exact under DDP; see the module docstring for the equation.
-
     image_scores, text_scores: this rank's prototype scores z_I, z_T [b, K].
     Prediction term: each rank's mean over its samples (the mean over ranks is the global mean).
     Regulariser: p_bar is the mean of p over the global batch (summed over ranks with gradient), so it is
@@ -322,8 +308,7 @@ def gather_with_grad(x):
 
 def xclip_loss(image_features, text_features, logit_scale, image_scores, text_scores, clip_weight=1.0,
                nclip_weight=1.0, **nclip_options):
-    """L = alpha * L_CLIP + beta * L_nCLIP on the outputs of one forward of the shared towers, exact under
-    DDP as both terms are. -> (loss, logs)."""
+    """L = alpha * L_CLIP + beta * L_nCLIP on one forward of the shared towers, exact under DDP. -> (loss, logs)"""
     l_clip = clip_loss(image_features, text_features, logit_scale)
     l_nclip, stats = nclip_loss(image_scores, text_scores, **nclip_options)
     logs = {"clip_loss": l_clip.detach(), "nclip_loss": l_nclip.detach(), **stats}
@@ -340,8 +325,7 @@ def compute_loss(out, args):
 
 
 # =====================================================================================================================
-# Everything below is the same in clip.py, nclip.py and xclip.py (tests/test_sync.py checks it): common
-# flags, the towers, distributed helpers, the training loop, checkpoints, logging.
+# The plumbing: the same in clip.py, nclip.py and xclip.py (tests/test_sync.py checks it); train() comes first.
 
 
 # --- shared: plumbing ---
