@@ -274,7 +274,7 @@ def compute_loss(out, args):
 
 
 # =====================================================================================================================
-# The plumbing: the same in clip.py, nclip.py and xclip.py (tests/test_sync.py checks it); train() comes first.
+# The plumbing, the same in clip.py, nclip.py and xclip.py (tests/test_sync.py checks it): flags, towers, main, train.
 
 
 # --- shared: plumbing ---
@@ -675,7 +675,7 @@ def train(args, device, rank, world_size, stop):
     return result
 
 
-# The pieces of train, in its order. Resume: which checkpoint, loaded, and put in place.
+# The pieces of train. Resume: which checkpoint, loaded and put in place.
 def agree_on_checkpoint(args, rank, world_size):
     """-> (the checkpoint every rank resumes from, or None; its path). Each rank looks on its own file system (nodes
     need not share one): OUT_DIR/ckpt.pt for --resume auto, or PATH. All ranks take the newest one some rank could
