@@ -45,6 +45,7 @@ import torch
 
 import augment
 import data
+import eval_zeroshot
 
 # Caption lengths of the default token batches, in cl100k tokens before the end-of-text token: lognormal with
 # mean 13 and standard deviation 6 (median 12, 99th percentile 33, 99.9th 46), cut to the context. Web
@@ -385,7 +386,7 @@ def main(args):
                 if other:
                     rate, their_mem = measure(other[0], other[1], args.steps, args.warmup, device)
                     theirs.append(rate)
-            peak = module.gpu_peak_tflops(device, precision)
+            peak = eval_zeroshot.gpu_peak_tflops(device, precision)
             mfu = flops * statistics.median(mine) / (peak * 1e12) if peak else None
             length = statistics.mean(t.shape[-1] for t in batch[1])  # text positions run, mean over the batches
             record = {"model": preset, "batch_size": batch_size, "accum_steps": args.accum_steps,

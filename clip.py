@@ -9,7 +9,7 @@ Under DDP every rank scores its own rows against the columns gathered from all r
 passes gradients back to their owners, so the gradient equals one process holding the global batch.
 Improved recipe (`--recipe improved`): per direction L = (g + A l) / (1 + A), g the InfoNCE of the weak pair,
 l the mean InfoNCE (label smoothing 0.1, own MLP projector and temperature) of the A^2 strong-view pairs.
-CLIP + SSL (`--ssl NAME`): L + w * L_ssl, L_ssl from ssl_losses.py.
+CLIP + SSL (`--ssl NAME`): L + w * L_ssl; the SSL baseline's heads and L_ssl are in ssl_losses.py.
 
 Launch:
   python clip.py                                                  # CPU: tiny model, synthetic data, ~3 min
@@ -18,26 +18,15 @@ Launch:
       --epochs 32 --batch-size 256 --lr 5e-4 --wd 0.5 --warmup 2000 --resume auto   # 8 GPUs, global batch 2048
   torchrun --nnodes=2 --nproc_per_node=8 --rdzv-backend=c10d --rdzv-endpoint=$HEAD_NODE:29500 clip.py ...  # 2 nodes
 
-Reference result: `python clip.py` (tiny, 600 steps x 256 pairs) on a 2-core CPU without a GPU: zero-shot top-1
-0.978 on 64 held-out synthetic classes (3 seeds: 0.981, 0.969, 0.984), 2.6-3.2 min each; README.md "Results".
-
-Layout: the method comes first (its flags, model and heads, loss and `compute_loss`); everything after
-`# --- shared: plumbing ---` (common flags, towers, distributed helpers, training loop, checkpoints, logs)
-is the same in clip.py, nclip.py and xclip.py.
+Reference results: README.md "Results" (`python clip.py`, 3 seeds, zero-shot and linear probe, on a 2-core CPU).
 """
 
 import argparse
-import copy
-import importlib.util
 import json
 import math
 import os
-import platform
-import re
-import resource
 import signal
 import time
-from contextlib import nullcontext
 
 import torch
 import torch.distributed as dist
@@ -65,7 +54,6 @@ RECIPES = {  # --recipe presets (Fini et al. 2023, official code); a component f
     "improved": dict(strong_views=2, weak_crop_scale=0.5, strong_image_augment=True, text_augment=True,
                      mlp_projector=True, label_smoothing=0.1, text_dropout=0.2),
 }
-SSL_WEIGHTS = {"simclr": 1.0, "simsiam": 1.0, "byol": 1.0, "barlow": 0.025, "vicreg": 0.04, "swav": 0.2, "swalip": 0.2}
 
 
 def method_args(parser):
@@ -98,7 +86,7 @@ def method_args(parser):
                    help="evaluation: the 'mix' head scores w * s_linear + (1 - w) * s_mlp")
 
     g = parser.add_argument_group("CLIP + SSL baselines (SLIP, Mu et al. 2021; Fini et al. 2023)")
-    g.add_argument("--ssl", default="none", choices=["none"] + list(SSL_WEIGHTS),
+    g.add_argument("--ssl", default="none", choices=["none"] + list(ssl_losses.SSL_HEADS),
                    help="add a self-supervised loss: simclr on two extra SimCLR image views (SLIP); simsiam, byol, "
                         "barlow, vicreg between the image and the text embedding (SiamLIP, BYOLIP, BarLIP, VICReg); "
                         "swav on learned prototypes, weak pair (SwALIPV1); swalip, the strong pairs with the other "
@@ -132,7 +120,7 @@ def resolve_method_args(args, parser):
     if args.swav_freeze_iters < 0:
         parser.error(f"--swav-freeze-iters must be >= 0, got {args.swav_freeze_iters}")
     if args.ssl_weight is None:
-        args.ssl_weight = SSL_WEIGHTS.get(args.ssl, 0.0)
+        args.ssl_weight = ssl_losses.SSL_HEADS[args.ssl].weight if args.ssl != "none" else 0.0
     strong_only = {"strong_image_augment", "mlp_projector", "label_smoothing", "text_dropout"}
     if args.strong_views == 0 and any(getattr(args, k) for k in strong_only & explicit):
         flags = "/--".join(sorted(k.replace("_", "-") for k in strong_only & explicit))
@@ -143,11 +131,9 @@ def resolve_method_args(args, parser):
 
 
 class CLIP(nn.Module):
-    """Two towers, a linear projection each and the learnable temperature t (scale s = exp(t)).
-    Improved recipe: strong_views A > 0 adds A strong (image, text) views per sample, optionally through
-    an MLP projector per modality with its own temperature, and dropout in the text tower for them.
-    ssl != 'none' adds the heads of that SSL loss (and for byol an EMA teacher, updated in after_step); swalip
-    has none: it works on the strong-view embeddings."""
+    """Two towers, a linear projection each and the learnable temperature t (scale s = exp(t)). Improved recipe:
+    strong_views A > 0 strong (image, text) views per sample, text dropout on them, and (mlp_projector) their own MLP
+    projector and temperature. ssl != 'none': that SSL baseline's heads (ssl_losses.py, with its loss), `ssl_head`."""
 
     def __init__(self, model="tiny", vocab_size=data.VOCAB_SIZE, strong_views=0, mlp_projector=False,
                  mlp_hidden=4096, text_dropout=0.0, mix_weight=0.5, ssl="none", ema=0.99, swav_freeze_iters=100):
@@ -155,7 +141,6 @@ class CLIP(nn.Module):
         cfg = PRESETS[model]
         vw, tw, D = cfg["vision_width"], cfg["text_width"], cfg["embed_dim"]
         self.strong_views, self.text_dropout, self.mix_weight = strong_views, text_dropout, mix_weight
-        self.ssl, self.ema = ssl, ema
         self.visual = VisionTower(cfg["image_size"], cfg["patch_size"], vw, cfg["vision_layers"], cfg["vision_heads"])
         self.text = TextTower(vocab_size, cfg["context_length"], tw, cfg["text_layers"], cfg["text_heads"])
         self.image_projection = nn.Linear(vw, D, bias=False)
@@ -165,33 +150,11 @@ class CLIP(nn.Module):
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))  # t; s = exp(t) starts at 1/0.07
         self.has_mlp = strong_views > 0 and mlp_projector
         if self.has_mlp:  # Fini et al.: strong pairs get their own projector and temperature (init 1/0.1)
-            self.image_mlp = mlp([vw, mlp_hidden, mlp_hidden, D])
-            self.text_mlp = mlp([tw, mlp_hidden, mlp_hidden, D])
+            self.image_mlp = ssl_losses.mlp([vw, mlp_hidden, mlp_hidden, D])
+            self.text_mlp = ssl_losses.mlp([tw, mlp_hidden, mlp_hidden, D])
             self.mlp_logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.1)))
-        if ssl not in ("none", "swalip"):  # swalip has no head of its own: it uses the strong-view embeddings
-            hidden, out, *prototypes = (SSL_HEADS_TINY if model == "tiny" else SSL_HEADS)[ssl]
-            if ssl == "simclr":  # SLIP: an MLP on two extra image views
-                self.ssl_image = mlp([vw, hidden, hidden, out])
-            elif ssl in ("simsiam", "byol"):  # SiamLIP: projectors ending in BN, and cross-modal predictors
-                self.ssl_image = mlp([vw, hidden, out], last_bn=True, last_affine=False)
-                self.ssl_text = mlp([tw, hidden, out], last_bn=True, last_affine=False)
-                self.predict_text = mlp([out, hidden, out])  # from the image embedding, predicts the text target
-                self.predict_image = mlp([out, hidden, out])
-            elif ssl == "swav":  # SwALIPV1: a projector per modality, unit-norm prototypes shared by both
-                self.ssl_image, self.ssl_text = mlp([vw, hidden, out]), mlp([tw, hidden, out])
-                self.swav_prototypes = Prototypes(out, prototypes[0], swav_freeze_iters)
-                # The freeze leaves the prototypes without a gradient, which DDP would wait for: DDP skips them
-                # and they average their gradient over ranks themselves (Prototypes.forward).
-                DDP._set_params_and_buffers_to_ignore_for_model(self, ["swav_prototypes.weight"])
-            else:  # barlow (BarLIP: 3 layers, BN last), vicreg
-                self.ssl_image = mlp([vw, hidden, hidden, out], last_bn=ssl == "barlow")
-                self.ssl_text = mlp([tw, hidden, hidden, out], last_bn=ssl == "barlow")
-            if ssl == "byol":  # BYOLIP: the targets come from an EMA copy of towers and projectors
-                self.teacher = nn.ModuleDict({k: copy.deepcopy(getattr(self, k)) for k in self.ema_parts()})
-                self.teacher.requires_grad_(False)
-
-    def ema_parts(self):
-        return ("visual", "text", "ssl_image", "ssl_text")
+        self.ssl_head = ssl_losses.build_head(ssl, self.visual, self.text, model == "tiny", ema, swav_freeze_iters)
+        DDP._set_params_and_buffers_to_ignore_for_model(self, ssl_losses.self_averaged(self))  # SwAV's prototypes
 
     def encode_image(self, images):  # [B, 3, H, W] -> [B, D], unit norm
         return F.normalize(self.image_projection(self.visual(images)), dim=-1)
@@ -205,25 +168,12 @@ class CLIP(nn.Module):
         return self.heads(self.towers(images, tokens))
 
     def towers(self, images, tokens, teacher=True):
-        """The towers on every view -> {"image": [B, V, Cv], "text": [B, 1 + A, Ct]}, with the BYOL teacher's
-        towers (no gradient) unless teacher=False. Gradient caching (--accum-steps) runs this per micro-batch."""
-        B, A = len(images), self.strong_views
-        f_image = self.visual(images.flatten(0, 1)).unflatten(0, (B, images.shape[1]))  # [B, V, Cv]
-        f_text = self.text(tokens[:, 0])[:, None]  # [B, 1, Ct], no dropout on the weak view
-        if A > 0:
-            f_strong = self.text(tokens[:, 1:].flatten(0, 1), dropout=self.text_dropout)  # [B * A, Ct]
-            f_strong = f_strong.unflatten(0, (B, A))  # [B, A, Ct]
-            f_text = torch.cat([f_text, f_strong], dim=1)  # [B, 1 + A, Ct]
-        features = {"image": f_image, "text": f_text}
-        if self.ssl == "byol" and teacher:
-            with torch.no_grad():
-                t = self.teacher
-                t_image = t["visual"](images[:, : 1 + A].flatten(0, 1)).unflatten(0, (B, 1 + A))  # [B, 1 + A, Cv]
-                t_text = t["text"](tokens[:, 0])[:, None]  # [B, 1, Ct]
-                if A > 0:  # the teacher runs in training mode too: text dropout on strong views (official code)
-                    t_strong = t["text"](tokens[:, 1:].flatten(0, 1), dropout=self.text_dropout)  # [B * A, Ct]
-                    t_text = torch.cat([t_text, t_strong.unflatten(0, (B, A))], dim=1)  # [B, 1 + A, Ct]
-            features.update(teacher_image=t_image, teacher_text=t_text)
+        """The towers on every view -> {"image": [B, V, Cv], "text": [B, 1 + A, Ct]}, and those of BYOL's EMA
+        teacher unless teacher=False. Gradient caching (--accum-steps) runs this per micro-batch."""
+        run = lambda visual, text: tower_features(visual, text, images, tokens, self.strong_views, self.text_dropout)
+        features = run(self.visual, self.text)
+        if teacher and self.ssl_head is not None:
+            features.update(self.ssl_head.teacher_features(run))
         return features
 
     def heads(self, features):
@@ -234,182 +184,54 @@ class CLIP(nn.Module):
                "logit_scale": self.logit_scale.exp()}
         if A > 0:
             heads = (self.image_mlp, self.text_mlp) if self.has_mlp else (self.image_projection, self.text_projection)
-            out["strong_image"] = F.normalize(per_view(heads[0], f_image[:, 1 : 1 + A]), dim=-1)  # [B, A, D]
-            out["strong_text"] = F.normalize(per_view(heads[1], f_text[:, 1:]), dim=-1)  # [B, A, D]
+            out["strong_image"] = F.normalize(ssl_losses.per_view(heads[0], f_image[:, 1 : 1 + A]), dim=-1)  # [B, A, D]
+            out["strong_text"] = F.normalize(ssl_losses.per_view(heads[1], f_text[:, 1:]), dim=-1)  # [B, A, D]
             out["strong_logit_scale"] = (self.mlp_logit_scale if self.has_mlp else self.logit_scale).exp()
-        if self.ssl == "simclr":
-            out["ssl_z1"], out["ssl_z2"] = self.ssl_image(f_image[:, -2]), self.ssl_image(f_image[:, -1])  # [B, d]
-        elif self.ssl == "swav":  # the weak pair only, as SwALIPV1 (built on CLIP without strong views)
-            out["ssl_image"] = self.swav_prototypes(self.ssl_image(f_image[:, 0]))  # [B, K]
-            out["ssl_text"] = self.swav_prototypes(self.ssl_text(f_text[:, 0]))  # [B, K]
-        elif self.ssl in ("simsiam", "byol", "barlow", "vicreg"):
-            out["ssl_image"] = per_view(self.ssl_image, f_image[:, : 1 + A])  # [B, 1 + A, d]
-            out["ssl_text"] = per_view(self.ssl_text, f_text)  # [B, 1 + A, d]
-            if self.ssl in ("simsiam", "byol"):
-                out["ssl_image_pred"] = per_view(self.predict_text, out["ssl_image"])  # [B, 1 + A, d]
-                out["ssl_text_pred"] = per_view(self.predict_image, out["ssl_text"])  # [B, 1 + A, d]
-            if self.ssl == "byol":  # the targets: the teacher's projectors on the teacher's tower features
-                with torch.no_grad():
-                    out["ssl_image"] = per_view(self.teacher["ssl_image"], features["teacher_image"])  # [B, 1 + A, d]
-                    out["ssl_text"] = per_view(self.teacher["ssl_text"], features["teacher_text"])  # [B, 1 + A, d]
+        if self.ssl_head is not None:
+            out.update(self.ssl_head(features))  # ssl_* keys
         return out
 
     def after_step(self, applied):
-        """After each optimizer step (`applied`: a bool tensor, False when a non-finite gradient made the
-        scaler skip it): clamp the temperatures (not in the forward, which would cut their gradient at the
-        bound), keep the BatchNorm running statistics and move the EMA teacher only if the step was applied,
-        count the step for the swav freeze."""
+        """After each optimizer step (applied: a bool tensor, False for a skipped step): clamp the temperatures (not in
+        the forward, which cuts their gradient), keep BatchNorm statistics of applied steps, update the SSL head."""
         with torch.no_grad():
-            self.logit_scale.clamp_(0, math.log(100))
-            if self.has_mlp:
-                self.mlp_logit_scale.clamp_(0, math.log(100))
-            for module in self.modules():
-                if isinstance(module, BatchNorm):
-                    module.apply_running(applied)
-            if self.ssl == "byol":
-                weight = (1 - self.ema) * applied.float()  # 0 for a skipped step: the teacher stays
-                for part in self.ema_parts():
-                    for teacher, student in zip(self.teacher[part].parameters(), getattr(self, part).parameters()):
-                        teacher.lerp_(student, weight)
-        if self.ssl == "swav":
-            self.swav_prototypes.count_step()
+            for t in [self.logit_scale] + ([self.mlp_logit_scale] if self.has_mlp else []):
+                t.clamp_(0, math.log(100))
+            ssl_losses.BatchNorm.apply_all(self, applied)
+        if self.ssl_head is not None:
+            self.ssl_head.after_step(self, applied)
 
     def zeroshot_heads(self):
-        """{name: (encode_image, encode_text)} for the zero-shot evaluation; the first is the main one.
-        With the MLP projector: its head, and the mix w * s_linear + (1 - w) * s_mlp, which is the cosine
-        of the concatenated vectors [sqrt(w) z, sqrt(1 - w) h]."""
-        heads = {"linear": (self.encode_image, self.encode_text)}
+        """{name: (encode_image, encode_text)} for zero-shot evaluation, the main one first; with the MLP projector
+        also its head and the mix w s_linear + (1 - w) s_mlp, the cosine of the vectors [sqrt(w) z, sqrt(1 - w) h]."""
+        heads, w = {"linear": (self.encode_image, self.encode_text)}, self.mix_weight
         if self.has_mlp:
             mlp_image = lambda x: F.normalize(self.image_mlp(self.visual(x)), dim=-1)
             mlp_text = lambda t: F.normalize(self.text_mlp(self.text(t)), dim=-1)
-            w = self.mix_weight
             heads["mlp"] = (mlp_image, mlp_text)
             heads["mix"] = (lambda x: torch.cat([w**0.5 * self.encode_image(x), (1 - w) ** 0.5 * mlp_image(x)], -1),
                             lambda t: torch.cat([w**0.5 * self.encode_text(t), (1 - w) ** 0.5 * mlp_text(t)], -1))
         return heads
 
     def flops_per_sample(self, text_length=None, recompute=False):
-        """Training FLOPs per pair (forward + backward = 3 forwards) of the towers and linear projections,
-        for every view, captions run on text_length tokens (default: the full context); the small heads are
-        left out; byol adds the teacher's forward, gradient caching (recompute=True) a second forward of the towers."""
-        image_views, text_views = 1 + self.strong_views + (2 if self.ssl == "simclr" else 0), 1 + self.strong_views
-        towers = image_views * self.visual.flops() + text_views * self.text.flops(text_length)
+        """Training FLOPs per pair (forward + backward = 3 forwards) of the towers and projections on every view,
+        captions cut at text_length tokens; BYOL's teacher adds a forward, gradient caching a towers' forward."""
+        image_views = 1 + self.strong_views + getattr(self.ssl_head, "extra_image_views", 0)
+        towers = image_views * self.visual.flops() + (1 + self.strong_views) * self.text.flops(text_length)
         forward = towers + 2 * (self.image_projection.weight.numel() + self.text_projection.weight.numel())
-        return 3 * forward + (forward if self.ssl == "byol" else 0) + (towers if recompute else 0)
+        return 3 * forward + (forward if hasattr(self.ssl_head, "teacher") else 0) + (towers if recompute else 0)
 
 
-class BatchNorm(nn.BatchNorm1d):
-    """BatchNorm1d whose training statistics are those of the global batch: the sums go through an
-    autograd-aware all-reduce, so 2 ranks on halves compute exactly what 1 process computes on the whole
-    batch, on gloo (CPU) and NCCL alike. (torch.nn.SyncBatchNorm does the same on GPUs only.)
-    The running statistics of a step go to `pending_*` buffers first and become the running ones only if the
-    step is applied (apply_running); buffers, updated in place, and not Python attributes, so that
-    torch.compile traces them without a recompile per step."""
-
-    STATISTICS = ("running_mean", "running_var", "num_batches_tracked")
-
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        for name in self.STATISTICS:
-            self.register_buffer("pending_" + name, getattr(self, name).clone(), persistent=False)
-
-    def forward(self, x):  # [b, C]
-        if not self.training:
-            return super().forward(x)  # running statistics
-        x = x.float()
-        n = x.shape[0] * get_world_size()
-        mean = all_reduce_with_grad(x.sum(0)) / n  # [C]
-        var = all_reduce_with_grad(((x - mean) ** 2).sum(0)) / n  # [C], biased, as BatchNorm1d
-        with torch.no_grad():  # the step's running statistics, held until the step is known to be applied
-            self.pending_running_mean.lerp_(mean, self.momentum)
-            self.pending_running_var.lerp_(var * n / max(1, n - 1), self.momentum)  # unbiased, as BatchNorm1d
-            self.pending_num_batches_tracked += 1
-        x = (x - mean) / torch.sqrt(var + self.eps)  # [b, C]
-        return x * self.weight + self.bias if self.affine else x
-
-    def apply_running(self, applied):
-        """After the optimizer step: keep this step's running statistics only if the step was applied (a
-        skipped non-finite step leaves them as they were). `applied`: a bool tensor on the device, no sync."""
-        for name in self.STATISTICS:
-            running, pending = getattr(self, name), getattr(self, "pending_" + name)
-            running.copy_(torch.where(applied, pending, running))
-            pending.copy_(running)
-
-    def _load_from_state_dict(self, *args, **kwargs):  # a loaded checkpoint's statistics are the pending ones too
-        super()._load_from_state_dict(*args, **kwargs)
-        for name in self.STATISTICS:
-            getattr(self, "pending_" + name).copy_(getattr(self, name))
-
-
-def mlp(dims, last_bn=False, last_affine=True):
-    """Linear-BN-ReLU for every hidden width, then a Linear (and a BatchNorm if last_bn): the projectors
-    and predictors of SimCLR, SimSiam, Barlow Twins and the strong branch of Fini et al."""
-    layers = []
-    for d_in, d_out in zip(dims[:-2], dims[1:-1]):
-        layers += [nn.Linear(d_in, d_out, bias=False), BatchNorm(d_out), nn.ReLU()]
-    layers.append(nn.Linear(dims[-2], dims[-1], bias=not last_bn))
-    if last_bn:
-        layers.append(BatchNorm(dims[-1], affine=last_affine))
-    return nn.Sequential(*layers)
-
-
-def per_view(head, features):
-    """Apply a head to each view separately (its BatchNorm sees one view at a time): [B, V, C] -> [B, V, d]."""
-    return torch.stack([head(features[:, v]) for v in range(features.shape[1])], dim=1)
-
-
-class Prototypes(nn.Module):
-    """K learnable unit-norm prototypes c_k [K, d] (SwAV; Fini et al.'s SwALIPV1, a weight-normalised Linear with
-    the norm fixed at 1 and nn.Linear's initialisation), scores z . c_k of normalised embeddings, in fp32. As in the
-    official code, the prototypes get no gradient in the first `freeze_iters` optimizer steps, so the optimizer
-    skips them (no step, no weight decay, Adam moments and step count untouched). DDP skips them too (see
-    CLIP.__init__): their gradient is averaged over ranks here, as DDP would."""
-
-    def __init__(self, dim, K, freeze_iters):
-        super().__init__()
-        self.weight = nn.Parameter(torch.empty(K, dim).uniform_(-(dim**-0.5), dim**-0.5))  # [K, d]
-        self.freeze_iters, self.steps_done = freeze_iters, 0
-        self.frozen = freeze_iters > 0  # a bool, not the count, in the forward: torch.compile recompiles once
-
-    def forward(self, z):  # [B, d] -> [B, K]
-        c = self.weight.detach() if self.frozen else AverageGradient.apply(self.weight)  # [K, d]
-        with torch.autocast(z.device.type, enabled=False):  # fp32 scores, as nCLIP's: Sinkhorn divides them by 0.05
-            return F.normalize(z.float(), dim=-1) @ F.normalize(c.float(), dim=-1).t()  # [B, K]
-
-    def count_step(self):
-        self.steps_done += 1
-        self.frozen = self.steps_done < self.freeze_iters
-
-    def get_extra_state(self):  # saved in the state dict, so a resumed run freezes for the same steps
-        return {"steps_done": self.steps_done}
-
-    def set_extra_state(self, state):
-        self.steps_done = state["steps_done"]
-        self.frozen = self.steps_done < self.freeze_iters
-
-
-class AverageGradient(torch.autograd.Function):
-    """Identity whose backward averages the gradient over ranks: what DDP does for the parameters it syncs."""
-
-    @staticmethod
-    def forward(ctx, x):
-        return x.view_as(x)
-
-    @staticmethod
-    def backward(ctx, grad):
-        if get_world_size() == 1:
-            return grad
-        grad = grad.clone()  # never all-reduce autograd's buffer in place
-        dist.all_reduce(grad)
-        return grad / get_world_size()
-
-
-# SSL heads: (hidden, output) widths from the papers (SLIP; SiamLIP/BYOLIP; BarLIP; VICReg; SwALIP), and
-# narrower ones for the tiny preset. swav: output width, then the number of prototypes.
-SSL_HEADS = {"simclr": (4096, 256), "simsiam": (2048, 128), "byol": (2048, 128), "barlow": (3000, 8192),
-             "vicreg": (3000, 8192), "swav": (2048, 128, 3000)}
-SSL_HEADS_TINY = {"simclr": (256, 64), "simsiam": (256, 64), "byol": (256, 64), "barlow": (256, 256),
-                  "vicreg": (256, 256), "swav": (256, 64, 256)}
+def tower_features(visual, text, images, tokens, strong_views, text_dropout):
+    """A pair of towers on every view: images [B, V, 3, H, W] -> [B, V, Cv]; tokens [B, 1 + A, L] -> [B, 1 + A, Ct],
+    the A strong captions with text dropout (BYOL's teacher runs its towers through this too)."""
+    B, A = len(images), strong_views
+    f_image = visual(images.flatten(0, 1)).unflatten(0, (B, images.shape[1]))  # [B, V, Cv]
+    f_text = text(tokens[:, 0])[:, None]  # [B, 1, Ct], no dropout on the weak view
+    if A > 0:
+        f_strong = text(tokens[:, 1:].flatten(0, 1), dropout=text_dropout)  # [B * A, Ct]
+        f_text = torch.cat([f_text, f_strong.unflatten(0, (B, A))], dim=1)  # [B, 1 + A, Ct]
+    return {"image": f_image, "text": f_text}
 
 
 def build_model(args):
@@ -478,32 +300,6 @@ def gather_with_grad(x):
 # --- end shared: clip-loss ---
 
 
-def ssl_loss(out, name):
-    """The SSL term, from ssl_losses.py. simclr: NT-Xent between the two extra image views (SLIP). The others
-    are cross-modal, as in Fini et al.: simsiam, byol (SiamLIP, BYOLIP), barlow (BarLIP) and vicreg are averaged
-    over the weak pair and every (strong image view, strong text view) pair; swav (SwALIPV1) takes the weak
-    pair; swalip (SwALIP) the strong pairs, from the strong-view embeddings and their temperature."""
-    if name == "simclr":
-        return ssl_losses.simclr_loss(out["ssl_z1"], out["ssl_z2"], temperature=0.1)
-    if name == "swav":  # scores on the shared prototypes; each modality predicts the other's Sinkhorn assignment
-        return ssl_losses.swav_loss(out["ssl_image"], out["ssl_text"], temperature=0.1)
-    if name == "swalip":
-        return ssl_losses.swalip_loss(out["strong_image"], out["strong_text"], out["strong_logit_scale"])
-    A = out["ssl_image"].shape[1] - 1
-    pairs = [(0, 0)] + [(1 + a, 1 + b) for a in range(A) for b in range(A)]  # (image view, text view)
-    terms = []
-    for i, t in pairs:
-        z_i, z_t = out["ssl_image"][:, i], out["ssl_text"][:, t]  # [B, d] each
-        if name in ("simsiam", "byol"):  # D(p, v) = 2 - 2 cos(p, sg(v)), each modality predicting the other
-            terms.append((ssl_losses.byol_loss(out["ssl_image_pred"][:, i], z_t)
-                          + ssl_losses.byol_loss(out["ssl_text_pred"][:, t], z_i)) / 2)
-        elif name == "barlow":  # the projectors end in an affine BatchNorm: no second standardisation
-            terms.append(ssl_losses.barlow_twins_loss(z_i, z_t, standardise=False))
-        else:  # vicreg
-            terms.append(ssl_losses.vicreg_loss(z_i, z_t))
-    return torch.stack(terms).mean()
-
-
 def compute_loss(out, args):
     """The method's loss from the model outputs -> (loss, {name: value to log}).
     Plain CLIP: the InfoNCE g of the (weak) pair. Improved recipe (Fini et al. 2023), per direction:
@@ -519,15 +315,14 @@ def compute_loss(out, args):
         logs.update(weak_loss=g.detach(), strong_loss=l.detach(),
                     strong_logit_scale=out["strong_logit_scale"].detach())
     if args.ssl != "none":
-        s = ssl_loss(out, args.ssl)
+        s = ssl_losses.ssl_loss(out, args.ssl)
         loss = loss + args.ssl_weight * s
         logs["ssl_loss"] = s.detach()
     return loss, logs
 
 
 # =====================================================================================================================
-# Everything below is the same in clip.py, nclip.py and xclip.py (tests/test_sync.py checks it): common
-# flags, the towers, distributed helpers, the training loop, checkpoints, logging.
+# The plumbing, the same in clip.py, nclip.py and xclip.py (tests/test_sync.py checks it): flags, towers, main, train.
 
 
 # --- shared: plumbing ---
@@ -539,34 +334,24 @@ def common_args(parser):
                         "shards in img2dataset layout such as '/data/cc3m/{00000..00331}.tar'")
     g.add_argument("--csv-img-key", default="filepath", help="CSV column holding image paths (relative to the file)")
     g.add_argument("--csv-caption-key", default="caption", help="CSV column holding captions")
-    g.add_argument("--csv-separator", default=None, help="CSV separator (default: tab for .tsv, comma otherwise)")
-    g.add_argument("--train-num-samples", type=int, default=None,
-                   help="tar shards: samples per epoch (default: counted from the tar headers at start)")
-    g.add_argument("--workers", type=int, default=None,
+    g.add_argument("--csv-separator", help="CSV separator (default: tab for .tsv, comma otherwise)")
+    g.add_argument("--train-num-samples", type=int, help="tar shards: samples per epoch (default: counted at start)")
+    g.add_argument("--workers", type=int,
                    help="data loader processes per rank (default: CPUs per rank - 1, at most 8). Raise it if the "
                         "logged data_time is more than a few percent of the step time")
-
     g = parser.add_argument_group("model")
     g.add_argument("--model", default="tiny", choices=list(PRESETS),
-                   help="tower sizes: 'tiny' trains on a laptop CPU in minutes; the ViT presets use CLIP's "
-                        "12-layer text tower (width 768 for ViT-L/14) at 224 px")
+                   help="'tiny' trains on a laptop CPU in minutes; the ViT presets: 224 px, CLIP's text tower")
     g.add_argument("--grad-checkpointing", action="store_true",
-                   help="recompute each block's activations in the backward pass: ~1/3 more compute, much less "
-                        "memory; use it when a larger per-GPU batch matters more than speed")
-
+                   help="recompute activations in the backward pass: ~1/3 more compute, room for a larger batch")
     g = parser.add_argument_group("optimisation")
     g.add_argument("--batch-size", type=int, default=256,
-                   help="per process; the contrastive batch is batch-size x world size. Larger batches give more "
-                        "negatives, which helps contrastive losses; scale --lr with it")
+                   help="per process (x world size: the contrastive batch; more negatives help); scale --lr with it")
     g.add_argument("--accum-steps", type=int, default=1, metavar="K",
-                   help="gradient caching (Gao et al. 2021): each step takes K micro-batches of --batch-size per "
-                        "process, runs the towers on them one at a time, the heads and the loss once on all of "
-                        "them: the gradient of one step on K x batch-size x world size pairs (every pair a "
-                        "negative of every other), with the towers' activation memory of one micro-batch, for "
-                        "one more tower forward. Use it when --grad-checkpointing still leaves the batch too small")
-    g.add_argument("--steps", type=int, default=None,
-                   help="optimizer steps (default: --epochs x steps per epoch, or 600 if neither is given)")
-    g.add_argument("--epochs", type=float, default=None, help="passes over the data (sets --steps when that is unset)")
+                   help="gradient caching (Gao et al. 2021): the exact gradient of K x batch-size x world size pairs "
+                        "for one more tower forward and one micro-batch's tower memory; try --grad-checkpointing first")
+    g.add_argument("--steps", type=int, help="optimizer steps (default: --epochs x steps per epoch, else 600)")
+    g.add_argument("--epochs", type=float, help="passes over the data (sets --steps when that is unset)")
     g.add_argument("--lr", type=float, default=3e-3,
                    help="peak learning rate. SLIP and Fini et al. use 3e-3 at batch 4096 (ViT-B/16); CLIP used 5e-4 at "
                         "batch 32k. Lower it if the loss spikes or turns non-finite")
@@ -579,55 +364,24 @@ def common_args(parser):
                    help="linear warm-up steps before the cosine decay; about 1 epoch, or 2k-10k steps at scale")
     g.add_argument("--grad-clip", type=float, default=0.0, help="clip the global gradient norm to this (0: off)")
     g.add_argument("--max-bad-steps", type=int, default=20,
-                   help="a step whose loss or gradient is not finite is skipped; this many in a row stop the run "
-                        "with a checkpoint of the last good state")
-
+                   help="steps with a non-finite loss or gradient are skipped; this many in a row stop the run")
     g = parser.add_argument_group("system")
-    g.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: cuda if available)")
-    g.add_argument("--precision", default=None, choices=["bf16", "fp16", "fp32"],
-                   help="autocast dtype (default: bf16 on GPUs with compute capability 8.0 or newer (A100, H100, "
-                        "L4, ...), fp16 on older GPUs (V100, T4), fp32 on CPU); fp16 uses a dynamic loss scale")
-    g.add_argument("--compile", action="store_true",
-                   help="torch.compile the model: slower start (a minute or more), faster steps")
+    g.add_argument("--device", help="cuda, cuda:1, cpu (default: cuda if available)")
+    g.add_argument("--precision", choices=["bf16", "fp16", "fp32"],
+                   help="default: fp32 on CPU, bf16 on A100/H100/L4 and newer GPUs, fp16 with a loss scale on V100/T4")
+    g.add_argument("--compile", action="store_true", help="torch.compile: slower start (a minute or so), faster steps")
     g.add_argument("--seed", type=int, default=0, help="seeds initialisation, data order and augmentations")
-    g.add_argument("--peak-tflops", type=float, default=None,
-                   help="the accelerator's dense peak for the MFU column (default: looked up for known GPUs)")
-
+    g.add_argument("--peak-tflops", type=float, help="the dense peak for the MFU column (default: known GPUs' own)")
     g = parser.add_argument_group("run")
     g.add_argument("--out-dir", default=f"runs/{METHOD}", help="where ckpt.pt, log.jsonl and run.json go")
-    g.add_argument("--resume", default=None,
-                   help="'auto': continue from OUT_DIR/ckpt.pt if it exists; or the path of a checkpoint")
+    g.add_argument("--resume", help="'auto': continue from OUT_DIR/ckpt.pt if it exists; or a checkpoint's path")
     g.add_argument("--save-every", type=int, default=500,
-                   help="steps between writes of the rolling OUT_DIR/ckpt.pt that --resume auto continues (and one "
-                        "at the end)")
+                   help="steps between writes of OUT_DIR/ckpt.pt, which --resume auto continues; also at the end")
     g.add_argument("--keep-every", type=int, default=0,
                    help="steps between kept snapshots OUT_DIR/ckpt_STEP.pt (0: none), for eval_zeroshot.py or "
                         "--resume PATH later; each holds the optimizer too (about 3x the weights with AdamW)")
     g.add_argument("--log-every", type=int, default=50, help="steps between log lines")
-    g.add_argument("--tensorboard", nargs="?", const="", default=None, metavar="DIR",
-                   help="also write every logged number as a TensorBoard scalar to DIR (default: OUT_DIR/tensorboard); "
-                        "needs `pip install tensorboard`")
-    g.add_argument("--wandb", default=None, metavar="PROJECT",
-                   help="also log every number to this Weights & Biases project (`pip install wandb`); with "
-                        "WANDB_MODE=offline it stays in OUT_DIR/wandb, for `wandb sync` later")
-
-    g = parser.add_argument_group("evaluation during training, on every rank (eval_zeroshot.py gives the same numbers "
-                                  "for a checkpoint of the same step)")
-    g.add_argument("--eval-dataset", default=None, choices=["synthetic", "imagenet", "cifar10", "cifar100", "folder",
-                                                            "none"],
-                   help="zero-shot classification set (default: synthetic when --data is synthetic, else none); the "
-                        "layouts of eval_zeroshot.py: imagenet: DIR/val holds the 1000 WordNet-id folders; "
-                        "cifar10/100: torchvision's python archives in DIR; folder: an ImageFolder in DIR/val, "
-                        "DIR/test or DIR")
-    g.add_argument("--eval-data-dir", default=None, metavar="DIR",
-                   help="where --eval-dataset lives (all but synthetic)")
-    g.add_argument("--eval-retrieval", default=None, metavar="PAIRS.csv",
-                   help="also image<->text recall@1/5/10 on a CSV with one row per caption (image paths relative to "
-                        "it, columns as --csv-img-key/--csv-caption-key), e.g. the Flickr30k or COCO test split")
-    g.add_argument("--eval-every", type=int, default=0, help="steps between evaluations (0: only at the end)")
-    g.add_argument("--eval-samples", type=int, default=None,
-                   help="evaluate on this many images, evenly spaced through the set (default: all), to evaluate "
-                        "often on a large set")
+    eval_zeroshot.training_args(parser)  # --eval-* and the curves (--tensorboard, --wandb)
     return parser
 
 
@@ -652,24 +406,7 @@ def check_common_args(args, parser):
     if args.resume not in (None, "auto") and not os.path.isfile(args.resume) and single:
         parser.error(f"--resume {args.resume}: no such checkpoint file "
                      f"(use --resume auto to continue OUT_DIR/ckpt.pt if it exists)")
-    if args.eval_dataset is None:  # zero-shot on drawn shapes says nothing about a model trained on other data
-        args.eval_dataset = "synthetic" if args.data == "synthetic" else "none"
-    needs_dir = args.eval_dataset not in ("synthetic", "none")
-    if needs_dir and not (args.eval_data_dir and os.path.isdir(args.eval_data_dir)):
-        parser.error(f"--eval-dataset {args.eval_dataset} needs --eval-data-dir, an existing folder "
-                     f"(got {args.eval_data_dir!r})")
-    if args.eval_data_dir and not needs_dir:
-        parser.error(f"--eval-data-dir is read with --eval-dataset imagenet, cifar10, cifar100 or folder, "
-                     f"not {args.eval_dataset}")
-    if args.eval_retrieval and not os.path.isfile(args.eval_retrieval):
-        parser.error(f"--eval-retrieval {args.eval_retrieval}: no such file")
-    if args.eval_every and args.eval_dataset == "none" and not args.eval_retrieval:
-        parser.error("--eval-every: nothing to evaluate; give --eval-dataset and/or --eval-retrieval")
-    if args.tensorboard == "":
-        args.tensorboard = os.path.join(args.out_dir, "tensorboard")
-    for flag in ("tensorboard", "wandb"):
-        if getattr(args, flag) is not None and importlib.util.find_spec(flag) is None:
-            parser.error(f"--{flag} needs the {flag} package: pip install {flag}")
+    eval_zeroshot.check_training_args(args, parser)
     return args
 
 
@@ -696,8 +433,7 @@ PRESETS = {  # image tower (ViT) and text tower (causal Transformer) sizes, and 
 
 
 class Attention(nn.Module):
-    """Multi-head self-attention through F.scaled_dot_product_attention (flash / memory-efficient kernels
-    on GPU), with q, k and v from one fused projection."""
+    """Multi-head self-attention through F.scaled_dot_product_attention (flash kernels on GPU), one qkv projection."""
 
     def __init__(self, width, heads, causal):
         super().__init__()
@@ -775,8 +511,7 @@ class VisionTower(nn.Module):
 
 
 class TextTower(nn.Module):
-    """Causal Transformer as in CLIP: token + position embeddings, pre-LN blocks, LN, features at the
-    end-of-text token -> [B, width]."""
+    """Causal Transformer as in CLIP: token + position embeddings, pre-LN blocks, LN, features at the end-of-text."""
 
     def __init__(self, vocab_size, context_length, width, layers, heads):
         super().__init__()
@@ -802,8 +537,7 @@ class TextTower(nn.Module):
 
 
 def transformer_flops(tokens, width, layers):
-    """Forward FLOPs of `layers` blocks on `tokens` tokens: 24 N C^2 in the qkv, output and MLP matmuls,
-    4 N^2 C in the two attention products."""
+    """Forward FLOPs of blocks on N tokens: 24 N C^2 in the qkv, output and MLP matmuls, 4 N^2 C in attention."""
     return layers * (24 * tokens * width**2 + 4 * tokens**2 * width)
 
 
@@ -821,16 +555,12 @@ class AllReduceWithGrad(torch.autograd.Function):
     output, so its gradient is the sum of all ranks' output gradients."""
 
     @staticmethod
-    def forward(ctx, x):
-        x = x.clone()
+    def forward(ctx, x):  # also the backward, on the output gradient
+        x = x.clone()  # never all-reduce autograd's buffer in place
         dist.all_reduce(x)
         return x
 
-    @staticmethod
-    def backward(ctx, grad):
-        grad = grad.clone()
-        dist.all_reduce(grad)
-        return grad
+    backward = forward
 
 
 def all_reduce_with_grad(x):
@@ -844,14 +574,6 @@ def print0(*args, **kwargs):
         print(*args, **kwargs, flush=True)
 
 
-# Dense peak TFLOP/s for the MFU column, from NVIDIA's data sheets (without sparsity): (pattern matched on
-# torch.cuda.get_device_name, 16-bit tensor cores (bf16; fp16 on V100/T4), fp32 matmuls (TF32 from Ampere on)).
-# The first match wins, so each exact part comes before its family: an H100 PCIe or NVL is not an H100 SXM.
-GPU_PEAK_TFLOPS = [
-    (r"H100.*(PCIe|PCIE)", 756, 378), (r"H100 NVL", 835, 417.5), (r"H200 NVL", 835, 417.5),
-    (r"H100|H200|GH200", 989, 494.5), (r"A100", 312, 156), (r"A10G", 70, 35), (r"L40S", 362, 183),
-    (r"L40\b", 181, 90.5), (r"L4\b", 121, 60), (r"V100", 125, 15.7), (r"T4\b", 65, 8.1),
-]
 DEFAULT_STEPS = 600
 STOP_CHECK_EVERY = 10  # steps between the ranks' agreement on stopping (one tiny all-reduce, read on the host)
 
@@ -865,18 +587,15 @@ def main(args):
         device = torch.device("cuda", local_rank if device.index is None else device.index)
         torch.cuda.set_device(device)
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    if world_size > 1:
-        # A store prefix per torchrun attempt (--max-restarts): without it a restarted rank can read the address
-        # of a rank of the failed attempt and fail to connect (seen with gloo on torch 2.14).
+    if world_size > 1:  # a store prefix per torchrun attempt: else a restarted rank can read a dead rank's address
         store, _, _ = next(dist.rendezvous("env://"))
         store = dist.PrefixStore(f"attempt{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo", store=store, rank=rank,
                                 world_size=world_size, device_id=device if device.type == "cuda" else None)
-    # SIGTERM (a scheduler's kill), SIGUSR1 (SLURM's warning before the time limit) and SIGINT (Ctrl-C) only
-    # raise a flag: within STOP_CHECK_EVERY steps the ranks agree to stop, save a checkpoint and exit 0;
-    # `--resume auto` continues. Loader workers ignore these signals (data.ignore_stop_signals). A signal to the
-    # process group under torchrun arrives twice (directly, then forwarded by the agent): a repeat within 2 s is
-    # the same request; a later one ends the process at once.
+    # SIGTERM (a scheduler's kill), SIGUSR1 (SLURM's warning) and SIGINT (Ctrl-C) raise a flag: within STOP_CHECK_EVERY
+    # steps the ranks agree to stop, save a checkpoint and exit 0 (loader workers ignore them). Under torchrun a signal
+    # to the group arrives twice (directly and from the agent): a repeat within 2 s is the same request, a later one
+    # ends the process at once.
     stop = {}
 
     def handler(signum, frame):
@@ -892,36 +611,132 @@ def main(args):
     finally:
         for s, h in previous.items():
             signal.signal(s, h)
-        close_curves()
+        eval_zeroshot.close_curves()
         if dist.is_initialized():
             dist.destroy_process_group()
 
 
-def resolve_resume(args):
-    """--resume -> the checkpoint path to load, or None (auto, and no checkpoint yet)."""
-    if args.resume == "auto":
-        path = os.path.join(args.out_dir, "ckpt.pt")
-        return path if os.path.exists(path) else None
-    return args.resume
+def train(args, device, rank, world_size, stop):
+    """Build, resume, then each step: step, log, checkpoint (or stop), evaluate; the final evaluation -> its record."""
+    t_start, cuda = time.time(), device.type == "cuda"
+    precision, autocast = mixed_precision(args, device)
+    workers = args.workers if args.workers is not None else eval_zeroshot.default_workers()
+    ckpt, ckpt_path = agree_on_checkpoint(args, rank, world_size)
+    if rank == 0:
+        os.makedirs(args.out_dir, exist_ok=True)
+    size, context_length = PRESETS[args.model]["image_size"], PRESETS[args.model]["context_length"]
+    eval_sets = eval_zeroshot.open_eval_sets(args, size, context_length)  # bad input stops the run here, at once
+
+    # Build and resume. The same seed on every rank gives the same initial weights.
+    torch.manual_seed(args.seed)
+    raw_model, optimizer, scaler = build_training(args, device, precision)
+    torch.manual_seed(args.seed + rank)  # dropout and other model randomness differ per rank
+    start_step, data_state, elapsed_before = resume(ckpt, ckpt_path, raw_model, optimizer, scaler, device)
+    del ckpt
+    image_views, text_views = train_views(args)
+    loader = data.build_loader(
+        args.data, args.batch_size * args.accum_steps, image_views, text_views, rank=rank, world_size=world_size,
+        workers=workers, seed=args.seed, context_length=context_length, image_size=size, start_step=start_step,
+        state=data_state, pin_memory=cuda, csv_img_key=args.csv_img_key, csv_caption_key=args.csv_caption_key,
+        csv_separator=args.csv_separator, num_samples=args.train_num_samples)
+    total_steps = args.steps or (math.ceil(args.epochs * loader.steps_per_epoch) if args.epochs else DEFAULT_STEPS)
+    model = raw_model  # gradient caching calls the towers and the heads itself, and all-reduces by hand
+    if world_size > 1 and args.accum_steps == 1:
+        model = DDP(raw_model, device_ids=[device.index] if cuda else None)
+    if args.compile and args.accum_steps > 1:
+        raw_model.towers, raw_model.heads = torch.compile(raw_model.towers), torch.compile(raw_model.heads)
+    elif args.compile:
+        model = torch.compile(model)
+    if rank == 0:
+        eval_zeroshot.open_curves(args, resumed=ckpt_path is not None)
+    announce(args, raw_model, loader, total_steps, precision, device, workers, eval_sets)
+    meter = Meter(args, device, total_steps, loader.steps_per_epoch, t_start - elapsed_before,
+                  args.peak_tflops or eval_zeroshot.gpu_peak_tflops(device, precision))
+
+    def save(step, *names):  # every rank gives its random state and data position; rank 0 writes the files
+        state = {"method": METHOD, "args": vars(args), "step": step, "model": raw_model.state_dict(),
+                 "elapsed_s": time.time() - meter.started, "optimizer": optimizer.state_dict(),
+                 "scaler": scaler.state_dict(), "rng": all_gather_object(rng_state(device)),
+                 "data": all_gather_object(loader.state_dict())}
+        for name in names if rank == 0 else ():
+            save_checkpoint(os.path.join(args.out_dir, name), state)
+
+    def evaluate(step):  # every rank, on the raw model
+        return {"step": step, **eval_zeroshot.evaluate_during_training(
+            raw_model, eval_sets, args, context_length, device, autocast, workers, rank, world_size)}
+
+    batches, bad_in_a_row = iter(loader), torch.zeros((), device=device)
+    for step in range(start_step, total_steps):
+        # Step: a batch, augmented on the device; the learning rate; one optimizer step.
+        t_data = time.time()
+        images, tokens, params = next(batches)  # params [B, V, P]: each view's on-device augmentation, on the CPU
+        images, tokens = images.to(device, non_blocking=True), tokens.to(device, non_blocking=True)
+        images = augment.on_device(images, params)  # fp32 [B, V, 3, H, W], augmented and normalised
+        data_time = time.time() - t_data
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(step, args, total_steps)
+        loss, logs, applied = train_step(model, raw_model, optimizer, scaler, images, tokens, args, autocast, precision)
+        bad_in_a_row = (bad_in_a_row + 1) * ~applied
+        # FLOPs at the captions' cut length; gradient caching runs the towers twice
+        flops = raw_model.flops_per_sample(tokens.shape[-1], recompute=args.accum_steps > 1) * len(tokens)
+        meter.add(loss, logs, applied, data_time, flops)
+        done = step + 1
+
+        # Log: the steps since the last line, averaged over ranks.
+        if done % args.log_every == 0 or done == total_steps:
+            meter.log(done, lr_at(step, args, total_steps), loader.skipped)
+
+        # Stop or checkpoint. All ranks decide alike, on the max over ranks of (a signal arrived, bad steps in a row).
+        stopping = False
+        if done % STOP_CHECK_EVERY == 0 or done % args.log_every == 0 or done == total_steps:
+            flags = torch.stack([torch.tensor(float("signal" in stop), device=device), bad_in_a_row.float()])
+            if world_size > 1:
+                dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+            signalled, bad = flags.tolist()
+            if bad >= args.max_bad_steps:
+                save(done, "ckpt.pt")
+                raise SystemExit(f"{args.max_bad_steps} steps in a row had a non-finite loss or gradient; stopped at "
+                                 f"step {done} with the last good weights saved in {args.out_dir}/ckpt.pt "
+                                 f"(lower --lr or use --grad-clip)")
+            stopping = signalled > 0
+        keep = args.keep_every and done % args.keep_every == 0  # a snapshot kept besides the rolling ckpt.pt
+        if (args.save_every and done % args.save_every == 0) or done == total_steps or stopping or keep:
+            t_save = time.time()
+            save(done, "ckpt.pt", *([f"ckpt_{done}.pt"] if keep else []))
+            meter.t += time.time() - t_save  # the log interval's samples/s leaves checkpoint writes out
+        if stopping and done < total_steps:
+            record = {"step": done, "stopped_by": stop.get("signal", "another rank's signal")}
+            eval_zeroshot.log_line(record, args.out_dir)
+            print0(f"stopped by a signal at step {done} of {total_steps}; {args.out_dir}/ckpt.pt holds it: "
+                   f"run the same command with --resume auto to continue")
+            return {"step": done, "stopped": True}
+
+        # Evaluate, every --eval-every steps and at the end.
+        if args.eval_every and done % args.eval_every == 0 and done != total_steps:
+            record = evaluate(done)
+            meter.eval_time = record["eval_s"]
+            meter.t += meter.eval_time  # the log interval's samples/s leaves the evaluation out
+            eval_zeroshot.log_line(record, args.out_dir)
+    result = evaluate(total_steps)
+    if len(result) > 1:  # the run's last log line is its final evaluation (unless there is nothing to evaluate)
+        eval_zeroshot.log_line(result, args.out_dir)
+    return result
 
 
+# The pieces of train. Resume: which checkpoint, loaded and put in place.
 def agree_on_checkpoint(args, rank, world_size):
-    """-> (the checkpoint every rank resumes from, or None; its path). Each rank looks on its own file system
-    (nodes need not share one): OUT_DIR/ckpt.pt for --resume auto, PATH for --resume PATH. The newest
-    checkpoint that some rank could read is the one all ranks take: ranks without it receive it from the
-    rank that has it (a broadcast), so ranks never start from different steps or optimizer states. A
-    checkpoint no rank can read stops every rank with the same one-line error."""
-    path = resolve_resume(args)
-    ckpt, error = None, None
+    """-> (the checkpoint every rank resumes from, or None; its path). Each rank looks on its own file system (nodes
+    need not share one): OUT_DIR/ckpt.pt for --resume auto, or PATH. All ranks take the newest one some rank could
+    read, sent to the ranks without it; one that no rank can read stops every rank with the same one-line error."""
+    path, ckpt, error = args.resume, None, None
+    if path == "auto":
+        path = os.path.join(args.out_dir, "ckpt.pt")
+        path = path if os.path.exists(path) else None
     if path is not None:
         try:
             ckpt = load_checkpoint(path, args)
         except SystemExit as e:
             error = str(e)
-    if world_size == 1:
-        if error:
-            raise SystemExit(error)
-        return ckpt, path
     reports = all_gather_object({"step": ckpt["step"] if ckpt else None, "error": error, "path": path})
     steps = [r["step"] for r in reports if r["step"] is not None]
     if not steps:
@@ -953,171 +768,32 @@ def load_checkpoint(path, args):
     return ckpt
 
 
-def save_checkpoint(path, state):
-    """Write to a temporary file, flush it to disk, then rename: a crash never leaves a half-written ckpt."""
-    tmp = path + ".tmp"
-    with open(tmp, "wb") as f:
-        torch.save(state, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+def resume(ckpt, ckpt_path, raw_model, optimizer, scaler, device):
+    """A checkpoint's weights, optimizer, loss scale and this rank's random state into place -> (its step, this
+    rank's data position, the training seconds of earlier attempts); (0, None, 0.0) without a checkpoint."""
+    if not ckpt:
+        return 0, None, 0.0
+    raw_model.load_state_dict(ckpt["model"])
+    optimizer.load_state_dict(ckpt["optimizer"])
+    scaler.load_state_dict(ckpt["scaler"])
+    data_state = None
+    if len(ckpt["rng"]) == get_world_size():
+        set_rng_state(ckpt["rng"][get_rank()], device)
+        data_state = ckpt["data"][get_rank()]
+    else:
+        print0(f"note: the checkpoint was written by {len(ckpt['rng'])} ranks, not {get_world_size()}: random state "
+               f"and tar-stream positions start afresh, so the run continues but not bit for bit")
+    print0(f"resumed from {ckpt_path} at step {ckpt['step']}")
+    return ckpt["step"], data_state, ckpt.get("elapsed_s", 0.0)
 
 
-def peak_memory(device):
-    """Bytes: the peak of GPU memory allocated by tensors, or on a CPU the peak resident memory of the process."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device)
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
-def rng_state(device):
-    return {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
-
-
-def set_rng_state(state, device):
-    torch.set_rng_state(state["cpu"])
-    if device.type == "cuda" and state["cuda"] is not None:
-        torch.cuda.set_rng_state(state["cuda"], device)
-
-
-def all_gather_object(obj):
-    if get_world_size() == 1:
-        return [obj]
-    out = [None] * get_world_size()
-    dist.all_gather_object(out, obj)
-    return out
-
-
-CURVES = []  # (write(numbers, step), close()) of rank 0's TensorBoard / W&B writers while a run is open
-
-
-def open_curves(args, resumed):
-    """Rank 0: writers for --tensorboard and --wandb, imported only when asked. They get the numbers of every
-    log record; log.jsonl stays the run's record. A resumed run continues its W&B run (id in OUT_DIR/wandb_id)."""
-    if args.tensorboard:
-        from torch.utils.tensorboard import SummaryWriter
-
-        writer = SummaryWriter(args.tensorboard)
-
-        def to_tensorboard(numbers, step):
-            for tag, value in numbers.items():
-                writer.add_scalar(tag, value, step)
-            writer.flush()
-        CURVES.append((to_tensorboard, writer.close))
-    if args.wandb:
-        import wandb
-
-        id_file = os.path.join(args.out_dir, "wandb_id")
-        if not (resumed and os.path.exists(id_file)):
-            with open(id_file, "w") as f:
-                f.write(os.urandom(6).hex())
-        with open(id_file) as f:
-            run = wandb.init(project=args.wandb, id=f.read(), resume="allow", dir=args.out_dir, config=vars(args),
-                             name=os.path.basename(os.path.abspath(args.out_dir)))
-        CURVES.append((lambda numbers, step: run.log(numbers, step=step), run.finish))
-
-
-def close_curves():
-    while CURVES:
-        CURVES.pop()[1]()
-
-
-def log(record, args):
-    """Rank 0: print one line, append the record to OUT_DIR/log.jsonl and pass its numbers to the curve writers
-    (tags train/KEY, and eval/KEY for evaluation results). Keys ending in _s are durations in seconds."""
-    if get_rank() != 0:
-        return
-
-    def field(k, v):
-        if k.endswith("_s") and isinstance(v, (int, float)):
-            return f"{k} {v:.1f}" if v < 60 else f"{k} {int(v) // 3600}:{int(v) // 60 % 60:02d}:{int(v) % 60:02d}"
-        return f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
-    print(" | ".join(field(k, v) for k, v in record.items()), flush=True)
-    with open(os.path.join(args.out_dir, "log.jsonl"), "a") as f:
-        f.write(json.dumps(record) + "\n")
-    numbers = {f"{'eval' if k.startswith(('zeroshot_', 'retrieval_', 'eval_')) else 'train'}/{k}": v
-               for k, v in record.items() if k != "step" and isinstance(v, (int, float))}
-    for write, _ in CURVES:
-        write(numbers, record["step"])
-
-
-def open_eval_sets(args):
-    """The sets of --eval-dataset and --eval-retrieval, opened before training so that bad input stops the run at
-    once. -> (classification (images, class names, templates) or None, retrieval (images, captions) or None)"""
-    size, context_length = PRESETS[args.model]["image_size"], PRESETS[args.model]["context_length"]
-    classification = retrieval = None
-    if args.eval_dataset != "none":
-        images, _, classnames, templates = eval_zeroshot.classification_sets(
-            args.eval_dataset, args.eval_data_dir, size, args.seed, flag="--eval-dataset")
-        classification = eval_zeroshot.subset(images, args.eval_samples), classnames, templates
-    if args.eval_retrieval:
-        retrieval = eval_zeroshot.retrieval_set(args.eval_retrieval, size, context_length, args.csv_img_key,
-                                                args.csv_caption_key, args.csv_separator, flag="--eval-retrieval")
-    return classification, retrieval
-
-
-def eval_plan(eval_sets, args):
-    """The run's start line about evaluation: what and when, or that there is none."""
-    (classification, retrieval), what = eval_sets, []
-    if classification:
-        what.append(f"zero-shot on {args.eval_dataset} ({len(classification[0])} images, "
-                    f"{len(classification[1])} classes)")
-    if retrieval:
-        what.append(f"retrieval on {args.eval_retrieval} ({len(retrieval[0])} images, {len(retrieval[1])} captions)")
-    if not what:
-        return ("evaluation: none; this run reports no zero-shot accuracy (--eval-dataset imagenet --eval-data-dir "
-                "DIR, or cifar10, cifar100, folder, synthetic; --eval-retrieval PAIRS.csv)")
-    when = f"every {args.eval_every} steps and at the end" if args.eval_every else "at the end"
-    return f"evaluation: {' and '.join(what)}, {when}"
-
-
-def evaluate(raw_model, eval_sets, args, device, autocast, workers=0):
-    """Zero-shot top-1/top-5 on --eval-dataset and recall@k on --eval-retrieval, with eval_zeroshot's functions.
-    Every rank runs it on the raw model and encodes its share; the features are gathered in dataset order, so the
-    numbers are those of one process. -> {} or a record whose keys name the set: zeroshot_imagenet_top1,
-    zeroshot_imagenet_top1_mlp (another head), retrieval_i2t_r1, ..., eval_head (the head of the keys without a
-    head's name), eval_s (seconds)."""
-    classification, retrieval = eval_sets
-    if classification is None and retrieval is None:
-        return {}
-    t, heads = time.time(), raw_model.zeroshot_heads()
-    main_head = next(iter(heads))
-    common = dict(device=device, workers=workers, autocast=autocast, rank=get_rank(), world_size=get_world_size())
-    record = {}
-    raw_model.eval()
-    if classification:
-        results = eval_zeroshot.zeroshot_classify(heads, *classification, PRESETS[args.model]["context_length"],
-                                                  **common)
-        name = f"zeroshot_{args.eval_dataset}"
-        record[f"{name}_top1"], record[f"{name}_top5"] = results[main_head]["top1"], results[main_head]["top5"]
-        record.update({f"{name}_top1_{head}": m["top1"] for head, m in results.items() if head != main_head})
-    if retrieval:
-        results = eval_zeroshot.retrieve(heads, *retrieval, **common)
-        record.update({f"retrieval_{k}": v for k, v in results[main_head].items()})
-    raw_model.train()
-    record["eval_head"], record["eval_s"] = main_head, time.time() - t
-    return record
-
-
+# Build: precision, model and optimizer, the run's description.
 def mixed_precision(args, device):
-    """-> (precision, autocast context). Default: fp32 on CPU; on a GPU bf16 where its tensor cores run it
-    (compute capability 8.0 and newer), else fp16 with a dynamic loss scale (V100 and T4 emulate bf16, slowly,
-    though torch.cuda.is_bf16_supported() says yes)."""
+    """-> (precision, autocast context); default: fp32 on CPU, bf16 on GPUs that run it natively, else fp16."""
     precision = args.precision or eval_zeroshot.default_precision(device)
     if precision == "bf16" and device.type == "cuda" and torch.cuda.get_device_capability(device) < (8, 0):
         print0(f"note: {torch.cuda.get_device_name(device)} has no bf16 tensor cores: --precision fp16 is faster")
-    if precision == "fp32":
-        return precision, nullcontext()
-    return precision, torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
-
-
-def gpu_peak_tflops(device, precision):
-    """The GPU's dense peak for MFU in this precision (GPU_PEAK_TFLOPS); None on CPU or unknown GPUs."""
-    if device.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device)
-    peaks = next((peaks for pattern, *peaks in GPU_PEAK_TFLOPS if re.search(pattern, name)), None)
-    return None if peaks is None else peaks[1] if precision == "fp32" else peaks[0]
+    return precision, eval_zeroshot.autocast_context(precision, device)
 
 
 def build_training(args, device, precision):
@@ -1133,6 +809,33 @@ def build_training(args, device, precision):
     # the gradients for inf/NaN and, with the fused AdamW, skips such a step on the device without a sync.
     scaler = torch.amp.GradScaler(device.type, init_scale=2.0**16 if precision == "fp16" else 1.0)
     return raw_model, optimizer, scaler
+
+
+def announce(args, raw_model, loader, total_steps, precision, device, workers, eval_sets):
+    """OUT_DIR/run.json, and the start lines: steps, epochs, samples, global batch; evaluations; kept snapshots."""
+    world_size, batch = get_world_size(), get_world_size() * args.batch_size * args.accum_steps
+    if get_rank() == 0:
+        with open(os.path.join(args.out_dir, "run.json"), "w") as f:
+            json.dump({"method": METHOD, "args": vars(args), "world_size": world_size, "precision": precision,
+                       "total_steps": total_steps, "steps_per_epoch": loader.steps_per_epoch,
+                       **eval_zeroshot.machine(device), "parameters": sum(p.numel() for p in raw_model.parameters())},
+                      f, indent=1)
+    accum = f" x {args.accum_steps} micro-batches (gradient caching)" if args.accum_steps > 1 else ""
+    print0(f"{METHOD}: {args.model} on {args.data}: {total_steps} steps = {total_steps / loader.steps_per_epoch:.4g} "
+           f"epochs of {loader.steps_per_epoch * batch} samples ({total_steps * batch} samples in all), global batch "
+           f"{batch} = {world_size} x {args.batch_size}{accum}; {precision} on {device.type}, {workers} loader "
+           f"workers per rank")
+    print0(eval_zeroshot.eval_plan(eval_sets, args))
+    if args.keep_every:
+        print0(f"keeping {args.out_dir}/ckpt_STEP.pt every {args.keep_every} steps besides the rolling ckpt.pt")
+
+
+# Step: the learning rate, the optimizer step, gradient caching.
+def lr_at(step, args, total_steps):
+    """Linear warm-up to --lr in --warmup steps, then cosine decay to 0."""
+    if step < args.warmup:
+        return args.lr * (step + 1) / args.warmup
+    return args.lr * 0.5 * (1 + math.cos(math.pi * (step - args.warmup) / max(1, total_steps - args.warmup)))
 
 
 def train_step(model, raw_model, optimizer, scaler, images, tokens, args, autocast, precision):
@@ -1200,176 +903,77 @@ def cached_gradient(raw_model, images, tokens, args, autocast, scaler):
     return loss, logs
 
 
-def train(args, device, rank, world_size, stop):
-    """Build, resume, loop (log, checkpoint, evaluate, stop on a signal), final evaluation -> its record."""
-    t_start, cuda = time.time(), device.type == "cuda"
-    precision, autocast = mixed_precision(args, device)
-    workers = args.workers
-    if workers is None:  # the CPUs of this node shared by its ranks, one left for the rank itself, at most 8
-        cpus_per_rank = (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-        workers = max(0, min(8, cpus_per_rank - 1))
-    ckpt, ckpt_path = agree_on_checkpoint(args, rank, world_size)
-    if rank == 0:
-        os.makedirs(args.out_dir, exist_ok=True)
-    eval_sets = open_eval_sets(args)
+# Log: the numbers of a log line (eval_zeroshot.log_line writes it).
+class Meter:
+    """The numbers of the log lines: sums over the steps since the last line, kept on the device (no host sync between
+    lines); their data time, FLOPs and wall time (evaluations and checkpoint writes left out); where the run is."""
 
-    # Model, optimizer. The same seed on every rank gives the same initial weights.
-    torch.manual_seed(args.seed)
-    raw_model, optimizer, scaler = build_training(args, device, precision)
-    torch.manual_seed(args.seed + rank)  # dropout and other model randomness differ per rank
+    def __init__(self, args, device, total_steps, steps_per_epoch, started, peak_tflops):
+        self.args, self.device, self.total_steps, self.steps_per_epoch = args, device, total_steps, steps_per_epoch
+        self.started, self.peak_tflops, self.eval_time = started, peak_tflops, 0.0  # started: counts earlier attempts
+        self.reset()
 
-    # Resume: weights, optimizer, loss scale, step, random state and data position.
-    start_step, data_state, elapsed_before = 0, None, 0.0
-    if ckpt:
-        elapsed_before = ckpt.get("elapsed_s", 0.0)  # the training time of the run's earlier attempts
-        raw_model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scaler.load_state_dict(ckpt["scaler"])
-        start_step = ckpt["step"]
-        if len(ckpt["rng"]) == world_size:
-            set_rng_state(ckpt["rng"][rank], device)
-            data_state = ckpt["data"][rank]
-        else:
-            print0(f"note: the checkpoint was written by {len(ckpt['rng'])} ranks, not {world_size}: random state and "
-                   f"tar-stream positions start afresh, so the run continues but not bit for bit")
-        print0(f"resumed from {ckpt_path} at step {start_step}")
-        del ckpt
+    def reset(self):
+        self.sums, self.steps, self.data_time, self.flops, self.t = {}, 0, 0.0, 0, time.time()
+        self.nonfinite = torch.zeros((), device=self.device)
 
-    image_views, text_views = train_views(args)
-    loader = data.build_loader(
-        args.data, args.batch_size * args.accum_steps, image_views, text_views, rank=rank, world_size=world_size,
-        workers=workers, seed=args.seed, context_length=PRESETS[args.model]["context_length"],
-        image_size=PRESETS[args.model]["image_size"], start_step=start_step, state=data_state, pin_memory=cuda,
-        csv_img_key=args.csv_img_key, csv_caption_key=args.csv_caption_key, csv_separator=args.csv_separator,
-        num_samples=args.train_num_samples)
-    total_steps = args.steps or (math.ceil(args.epochs * loader.steps_per_epoch) if args.epochs else DEFAULT_STEPS)
-
-    if args.accum_steps > 1:  # gradient caching calls the towers and the heads itself, and all-reduces by hand
-        model = raw_model
-        if args.compile:
-            raw_model.towers, raw_model.heads = torch.compile(raw_model.towers), torch.compile(raw_model.heads)
-    else:
-        model = DDP(raw_model, device_ids=[device.index] if cuda else None) if world_size > 1 else raw_model
-        if args.compile:
-            model = torch.compile(model)
-    peak_tflops = args.peak_tflops or gpu_peak_tflops(device, precision)
-    if rank == 0:
-        run_info = {"method": METHOD, "args": vars(args), "world_size": world_size, "precision": precision,
-                    "total_steps": total_steps, "steps_per_epoch": loader.steps_per_epoch, "torch": torch.__version__,
-                    "python": platform.python_version(),
-                    "device": torch.cuda.get_device_name(device) if cuda else platform.processor() or "cpu",
-                    "parameters": sum(p.numel() for p in raw_model.parameters())}
-        with open(os.path.join(args.out_dir, "run.json"), "w") as f:
-            json.dump(run_info, f, indent=1)
-        open_curves(args, resumed=ckpt_path is not None)
-    batch = world_size * args.batch_size * args.accum_steps
-    accum = f" x {args.accum_steps} micro-batches (gradient caching)" if args.accum_steps > 1 else ""
-    print0(f"{METHOD}: {args.model} on {args.data}: {total_steps} steps = {total_steps / loader.steps_per_epoch:.4g} "
-           f"epochs of {loader.steps_per_epoch * batch} samples ({total_steps * batch} samples in all), global batch "
-           f"{batch} = {world_size} x {args.batch_size}{accum}; {precision} on {device.type}, {workers} loader "
-           f"workers per rank")
-    print0(eval_plan(eval_sets, args))
-    if args.keep_every:
-        print0(f"keeping {args.out_dir}/ckpt_STEP.pt every {args.keep_every} steps besides the rolling ckpt.pt")
-
-    def lr_at(step):  # linear warm-up, then cosine decay to 0
-        if step < args.warmup:
-            return args.lr * (step + 1) / args.warmup
-        return args.lr * 0.5 * (1 + math.cos(math.pi * (step - args.warmup) / max(1, total_steps - args.warmup)))
-
-    def checkpoint_state(step):
-        return {"method": METHOD, "args": vars(args), "step": step, "model": raw_model.state_dict(),
-                "elapsed_s": elapsed_before + time.time() - t_start,
-                "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
-                "rng": all_gather_object(rng_state(device)), "data": all_gather_object(loader.state_dict())}
-
-    batches = iter(loader)
-    sums, n_sum, bad_in_a_row = {}, 0, torch.zeros((), device=device)
-    bad_total, data_time, t_log, flops = torch.zeros((), device=device), 0.0, time.time(), 0
-    eval_time = 0.0  # seconds of the last evaluation, for the time left
-    for step in range(start_step, total_steps):
-        t_data = time.time()
-        images, tokens, params = next(batches)  # params [B, V, P]: each view's on-device augmentation, on the CPU
-        images, tokens = images.to(device, non_blocking=True), tokens.to(device, non_blocking=True)
-        images = augment.on_device(images, params)  # fp32 [B, V, 3, H, W], augmented and normalised
-        data_time += time.time() - t_data
-        # at the captions' cut length; gradient caching runs the towers twice
-        flops += raw_model.flops_per_sample(tokens.shape[-1], recompute=args.accum_steps > 1) * len(tokens)
-        for group in optimizer.param_groups:
-            group["lr"] = lr_at(step)
-
-        loss, logs, applied = train_step(model, raw_model, optimizer, scaler, images, tokens, args, autocast, precision)
-        bad_in_a_row = (bad_in_a_row + 1) * ~applied
-        bad_total += ~applied
+    def add(self, loss, logs, applied, data_time, flops):
+        self.nonfinite += ~applied
         for k, v in {"loss": loss.detach(), **logs}.items():
-            sums[k] = sums.get(k, 0.0) + torch.where(applied, v.float(), 0.0)
-        n_sum += 1
+            self.sums[k] = self.sums.get(k, 0.0) + torch.where(applied, v.float(), 0.0)
+        self.steps, self.data_time, self.flops = self.steps + 1, self.data_time + data_time, self.flops + flops
 
-        done = step + 1
-        if done % args.log_every == 0 or done == total_steps:
-            keys = list(sums)
-            skipped = torch.tensor(float(loader.skipped), device=device)
-            totals = torch.stack([sums[k] for k in keys] + [bad_total, skipped])  # summed over ranks below
-            if world_size > 1:
-                dist.all_reduce(totals)
-            totals, elapsed = totals.tolist(), time.time() - t_log
-            good = max(1, n_sum * world_size - int(totals[-2]))  # finite steps of all ranks
-            samples_per_s = n_sum * args.batch_size * args.accum_steps / elapsed
-            record = {"step": done, **{k: totals[i] / good for i, k in enumerate(keys)}, "lr": lr_at(step)}
-            record["samples_per_s_per_gpu"] = samples_per_s
-            record["data_time"] = data_time / n_sum
-            record["mfu"] = flops / elapsed / (peak_tflops * 1e12) if peak_tflops else None
-            record["peak_mem_gb"] = peak_memory(device) / 2**30
-            record["skipped_samples"], record["nonfinite_steps"] = int(totals[-1]), int(totals[-2])
-            # Where the run is: time left = steps left at this interval's rate (evaluations excluded) + the
-            # evaluations left (every --eval-every steps and one at the end) at the last one's duration.
-            evals_left = 1 + (max(0, (total_steps - 1) // args.eval_every - done // args.eval_every)
-                              if args.eval_every else 0)
-            record["epoch"] = done / loader.steps_per_epoch
-            record["elapsed_s"] = elapsed_before + time.time() - t_start
-            record["time_left_s"] = (total_steps - done) * elapsed / n_sum + evals_left * eval_time
-            log(record, args)
-            sums, n_sum, bad_total, data_time, flops = {}, 0, torch.zeros((), device=device), 0.0, 0
-            t_log = time.time()
-        stopping = False
-        if done % STOP_CHECK_EVERY == 0 or done % args.log_every == 0 or done == total_steps:
-            # Decisions every rank takes together: the max over ranks of (a signal arrived, bad steps in a row).
-            flags = torch.stack([torch.tensor(float("signal" in stop), device=device), bad_in_a_row.float()])
-            if world_size > 1:
-                dist.all_reduce(flags, op=dist.ReduceOp.MAX)
-            signalled, bad = flags.tolist()
-            if bad >= args.max_bad_steps:
-                state = checkpoint_state(done)
-                if rank == 0:
-                    save_checkpoint(os.path.join(args.out_dir, "ckpt.pt"), state)
-                raise SystemExit(f"{args.max_bad_steps} steps in a row had a non-finite loss or gradient; stopped at "
-                                 f"step {done} with the last good weights saved in {args.out_dir}/ckpt.pt "
-                                 f"(lower --lr or use --grad-clip)")
-            stopping = signalled > 0
-        keep = args.keep_every and done % args.keep_every == 0  # a snapshot kept besides the rolling ckpt.pt
-        if (args.save_every and done % args.save_every == 0) or done == total_steps or stopping or keep:
-            t_save = time.time()
-            state = checkpoint_state(done)
-            if rank == 0:
-                save_checkpoint(os.path.join(args.out_dir, "ckpt.pt"), state)
-                if keep:
-                    save_checkpoint(os.path.join(args.out_dir, f"ckpt_{done}.pt"), state)
-            t_log += time.time() - t_save  # the log interval's samples/s leaves checkpoint writes out
-        if stopping and done < total_steps:
-            log({"step": done, "stopped_by": stop.get("signal", "another rank's signal")}, args)
-            print0(f"stopped by a signal at step {done} of {total_steps}; {args.out_dir}/ckpt.pt holds it: "
-                   f"run the same command with --resume auto to continue")
-            return {"step": done, "stopped": True}
-        if args.eval_every and done % args.eval_every == 0 and done != total_steps:
-            record = {"step": done, **evaluate(raw_model, eval_sets, args, device, autocast, workers)}
-            eval_time = record["eval_s"]
-            t_log += eval_time  # the throughput of the log interval leaves the evaluation out
-            log(record, args)
+    def log(self, done, lr, skipped):
+        """The log line of the steps up to `done`, each number averaged over the finite steps of all ranks."""
+        args, keys, skipped = self.args, list(self.sums), torch.tensor(float(skipped), device=self.device)
+        totals = torch.stack([self.sums[k] for k in keys] + [self.nonfinite, skipped])
+        if get_world_size() > 1:
+            dist.all_reduce(totals)  # summed over ranks
+        totals, seconds = totals.tolist(), time.time() - self.t
+        good = max(1, self.steps * get_world_size() - int(totals[-2]))  # finite steps of all ranks
+        record = {"step": done, **{k: totals[i] / good for i, k in enumerate(keys)}, "lr": lr,
+                  "samples_per_s_per_gpu": self.steps * args.batch_size * args.accum_steps / seconds,
+                  "data_time": self.data_time / self.steps,
+                  "mfu": self.flops / seconds / (self.peak_tflops * 1e12) if self.peak_tflops else None,
+                  "peak_mem_gb": eval_zeroshot.peak_memory(self.device) / 2**30,
+                  "skipped_samples": int(totals[-1]), "nonfinite_steps": int(totals[-2])}
+        # Where the run is: time left = steps left at this interval's rate (evaluations excluded) + the
+        # evaluations left (every --eval-every steps and one at the end) at the last one's duration.
+        every = args.eval_every
+        evals_left = 1 + (max(0, (self.total_steps - 1) // every - done // every) if every else 0)
+        record.update(epoch=done / self.steps_per_epoch, elapsed_s=time.time() - self.started,
+                      time_left_s=(self.total_steps - done) * seconds / self.steps + evals_left * self.eval_time)
+        eval_zeroshot.log_line(record, args.out_dir)
+        self.reset()
 
-    result = {"step": total_steps, **evaluate(raw_model, eval_sets, args, device, autocast, workers)}
-    if len(result) > 1:  # the run's last log line is its final evaluation (unless there is nothing to evaluate)
-        log(result, args)
-    return result
+
+# Checkpoint: written whole or not at all, with every rank's random state.
+def save_checkpoint(path, state):
+    """Write to a temporary file, flush it to disk, then rename: a crash never leaves a half-written ckpt."""
+    tmp = path + ".tmp"
+    with open(tmp, "wb") as f:
+        torch.save(state, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def rng_state(device):
+    return {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
+
+
+def set_rng_state(state, device):
+    torch.set_rng_state(state["cpu"])
+    if device.type == "cuda" and state["cuda"] is not None:
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+def all_gather_object(obj):
+    if get_world_size() == 1:
+        return [obj]
+    out = [None] * get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
 # --- end shared: plumbing ---
 
 

@@ -1,7 +1,8 @@
 """Evaluation of clip.py, nclip.py and xclip.py checkpoints: zero-shot classification, image-text retrieval,
-linear probe. The training scripts call `classification_sets`, `retrieval_set`, `subset`, `zeroshot_classify` and
-`retrieve` (and so these same functions) while they train: this tool on a kept `ckpt_STEP.pt` reports the numbers
-that the run logged at that step.
+linear probe. The training scripts evaluate with `evaluate_during_training` (`zeroshot_classify` and `retrieve`,
+these same functions) while they train: this tool on a kept `ckpt_STEP.pt` reports the numbers that the run logged
+at that step. They also take from here what is not about training a method: their evaluation flags, log lines and
+TensorBoard / W&B curves, the machine's precision, loader workers, peak FLOP/s and memory.
 
   python eval_zeroshot.py --checkpoint runs/clip/ckpt.pt     # the held-out synthetic images of the training log
   python eval_zeroshot.py --checkpoint runs/clip/ckpt_2000.pt --dataset imagenet --data-dir /data/imagenet
@@ -50,9 +51,13 @@ images and their scores.
 import argparse
 import functools
 import importlib
+import importlib.util
 import json
 import os
+import platform
 import re
+import resource
+import time
 from contextlib import nullcontext
 
 import torch
@@ -418,12 +423,222 @@ def load_model(path, device):
     return model.to(device).eval(), module, train_args, ckpt.get("step")
 
 
+# ---------------------------------------------------------------------------------------------------
+# The machine, for this tool and the training scripts: precision, loader workers, peak FLOP/s and memory
+
+
 def default_precision(device):
     """fp32 on CPU; on a GPU bf16 where its tensor cores run it (compute capability 8.0 and newer: A100, H100,
     L4, ...), else fp16 (V100, T4: torch.cuda.is_bf16_supported() says yes there, for a slow emulation)."""
     if device.type != "cuda":
         return "fp32"
     return "bf16" if torch.cuda.get_device_capability(device) >= (8, 0) else "fp16"
+
+
+def autocast_context(precision, device):
+    """The autocast context of a precision (none for fp32)."""
+    if precision == "fp32":
+        return nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
+
+
+def default_workers():
+    """Loader processes per rank: the CPUs of this node shared by its ranks, one left for the rank itself, at most 8."""
+    return max(0, min(8, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", "1")) - 1))
+
+
+# Dense peak TFLOP/s, from NVIDIA's data sheets (without sparsity): (pattern matched on torch.cuda.get_device_name,
+# 16-bit tensor cores (bf16; fp16 on V100/T4), fp32 matmuls (TF32 from Ampere on)). The first match wins, so each
+# exact part comes before its family: an H100 PCIe or NVL is not an H100 SXM.
+GPU_PEAK_TFLOPS = [
+    (r"H100.*(PCIe|PCIE)", 756, 378), (r"H100 NVL", 835, 417.5), (r"H200 NVL", 835, 417.5),
+    (r"H100|H200|GH200", 989, 494.5), (r"A100", 312, 156), (r"A10G", 70, 35), (r"L40S", 362, 183),
+    (r"L40\b", 181, 90.5), (r"L4\b", 121, 60), (r"V100", 125, 15.7), (r"T4\b", 65, 8.1),
+]
+
+
+def gpu_peak_tflops(device, precision):
+    """The GPU's dense peak in this precision, for MFU; None on a CPU or an unknown GPU."""
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    peaks = next((peaks for pattern, *peaks in GPU_PEAK_TFLOPS if re.search(pattern, name)), None)
+    return None if peaks is None else peaks[1] if precision == "fp32" else peaks[0]
+
+
+def machine(device):
+    """The library versions and the device, for a training run's OUT_DIR/run.json."""
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
+    return {"torch": torch.__version__, "python": platform.python_version(), "device": name}
+
+
+def peak_memory(device):
+    """Bytes: the peak of GPU memory allocated by tensors, or on a CPU the peak resident memory of the process."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+# ---------------------------------------------------------------------------------------------------
+# Evaluation, log lines and curves during training: what clip.py, nclip.py and xclip.py call for them
+
+
+def training_args(parser):
+    """The flags of clip.py, nclip.py and xclip.py for evaluation and curves during training."""
+    g = parser.add_argument_group("evaluation during training, on every rank (eval_zeroshot.py gives the same numbers "
+                                  "for a checkpoint of the same step), and curves")
+    g.add_argument("--eval-dataset", default=None, choices=["synthetic", "imagenet", "cifar10", "cifar100", "folder",
+                                                            "none"],
+                   help="zero-shot classification set (default: synthetic when --data is synthetic, else none); the "
+                        "layouts of eval_zeroshot.py: imagenet: DIR/val holds the 1000 WordNet-id folders; "
+                        "cifar10/100: torchvision's python archives in DIR; folder: an ImageFolder in DIR/val, "
+                        "DIR/test or DIR")
+    g.add_argument("--eval-data-dir", default=None, metavar="DIR",
+                   help="where --eval-dataset lives (all but synthetic)")
+    g.add_argument("--eval-retrieval", default=None, metavar="PAIRS.csv",
+                   help="also image<->text recall@1/5/10 on a CSV with one row per caption (image paths relative to "
+                        "it, columns as --csv-img-key/--csv-caption-key), e.g. the Flickr30k or COCO test split")
+    g.add_argument("--eval-every", type=int, default=0, help="steps between evaluations (0: only at the end)")
+    g.add_argument("--eval-samples", type=int, default=None,
+                   help="evaluate on this many images, evenly spaced through the set (default: all), to evaluate "
+                        "often on a large set")
+    g.add_argument("--tensorboard", nargs="?", const="", default=None, metavar="DIR",
+                   help="also write every logged number as a TensorBoard scalar to DIR (default: OUT_DIR/tensorboard); "
+                        "needs `pip install tensorboard`")
+    g.add_argument("--wandb", default=None, metavar="PROJECT",
+                   help="also log every number to this Weights & Biases project (`pip install wandb`); with "
+                        "WANDB_MODE=offline it stays in OUT_DIR/wandb, for `wandb sync` later")
+
+
+def check_training_args(args, parser):
+    """Refuse evaluation and curve flags that cannot work, naming the flag; fill in the defaults."""
+    if args.eval_dataset is None:  # zero-shot on drawn shapes says nothing about a model trained on other data
+        args.eval_dataset = "synthetic" if args.data == "synthetic" else "none"
+    needs_dir = args.eval_dataset not in ("synthetic", "none")
+    if needs_dir and not (args.eval_data_dir and os.path.isdir(args.eval_data_dir)):
+        parser.error(f"--eval-dataset {args.eval_dataset} needs --eval-data-dir, an existing folder "
+                     f"(got {args.eval_data_dir!r})")
+    if args.eval_data_dir and not needs_dir:
+        parser.error(f"--eval-data-dir is read with --eval-dataset imagenet, cifar10, cifar100 or folder, "
+                     f"not {args.eval_dataset}")
+    if args.eval_retrieval and not os.path.isfile(args.eval_retrieval):
+        parser.error(f"--eval-retrieval {args.eval_retrieval}: no such file")
+    if args.eval_every and args.eval_dataset == "none" and not args.eval_retrieval:
+        parser.error("--eval-every: nothing to evaluate; give --eval-dataset and/or --eval-retrieval")
+    if args.tensorboard == "":
+        args.tensorboard = os.path.join(args.out_dir, "tensorboard")
+    for flag in ("tensorboard", "wandb"):
+        if getattr(args, flag) is not None and importlib.util.find_spec(flag) is None:
+            parser.error(f"--{flag} needs the {flag} package: pip install {flag}")
+
+
+def open_eval_sets(args, image_size, context_length):
+    """The sets of --eval-dataset and --eval-retrieval, opened before training so that bad input stops the run at
+    once. -> (classification (images, class names, templates) or None, retrieval (images, captions) or None)"""
+    classification = retrieval = None
+    if args.eval_dataset != "none":
+        images, _, classnames, templates = classification_sets(
+            args.eval_dataset, args.eval_data_dir, image_size, args.seed, flag="--eval-dataset")
+        classification = subset(images, args.eval_samples), classnames, templates
+    if args.eval_retrieval:
+        retrieval = retrieval_set(args.eval_retrieval, image_size, context_length, args.csv_img_key,
+                                  args.csv_caption_key, args.csv_separator, flag="--eval-retrieval")
+    return classification, retrieval
+
+
+def eval_plan(eval_sets, args):
+    """The run's start line about evaluation: what and when, or that there is none."""
+    (classification, retrieval), what = eval_sets, []
+    if classification:
+        what.append(f"zero-shot on {args.eval_dataset} ({len(classification[0])} images, "
+                    f"{len(classification[1])} classes)")
+    if retrieval:
+        what.append(f"retrieval on {args.eval_retrieval} ({len(retrieval[0])} images, {len(retrieval[1])} captions)")
+    if not what:
+        return ("evaluation: none; this run reports no zero-shot accuracy (--eval-dataset imagenet --eval-data-dir "
+                "DIR, or cifar10, cifar100, folder, synthetic; --eval-retrieval PAIRS.csv)")
+    when = f"every {args.eval_every} steps and at the end" if args.eval_every else "at the end"
+    return f"evaluation: {' and '.join(what)}, {when}"
+
+
+def evaluate_during_training(model, eval_sets, args, context_length, device, autocast, workers=0, rank=0,
+                             world_size=1):
+    """Zero-shot top-1/top-5 on --eval-dataset and recall@k on --eval-retrieval. Every rank runs it on the raw model
+    (not the DDP wrapper) and encodes its share; the features are gathered in dataset order, so the numbers are those
+    of one process. -> {} or a record whose keys name the set: zeroshot_imagenet_top1, zeroshot_imagenet_top1_mlp
+    (another head), retrieval_i2t_r1, ..., eval_head (the head of the keys without a head's name), eval_s (seconds)."""
+    classification, retrieval = eval_sets
+    if classification is None and retrieval is None:
+        return {}
+    t, heads = time.time(), model.zeroshot_heads()
+    main_head = next(iter(heads))
+    common = dict(device=device, workers=workers, autocast=autocast, rank=rank, world_size=world_size)
+    record = {}
+    model.eval()
+    if classification:
+        results = zeroshot_classify(heads, *classification, context_length, **common)
+        name = f"zeroshot_{args.eval_dataset}"
+        record[f"{name}_top1"], record[f"{name}_top5"] = results[main_head]["top1"], results[main_head]["top5"]
+        record.update({f"{name}_top1_{head}": m["top1"] for head, m in results.items() if head != main_head})
+    if retrieval:
+        results = retrieve(heads, *retrieval, **common)
+        record.update({f"retrieval_{k}": v for k, v in results[main_head].items()})
+    model.train()
+    record["eval_head"], record["eval_s"] = main_head, time.time() - t
+    return record
+
+
+CURVES = []  # rank 0's TensorBoard / W&B writers while a training run is open: (write(numbers, step), close)
+
+
+def open_curves(args, resumed):
+    """Rank 0: the writers of --tensorboard and --wandb, imported only when asked, for the numbers of every log
+    record (log.jsonl stays the run's record). A resumed run continues its W&B run (id in OUT_DIR/wandb_id)."""
+    if args.tensorboard:
+        from torch.utils.tensorboard import SummaryWriter
+
+        writer = SummaryWriter(args.tensorboard)
+
+        def to_tensorboard(numbers, step):
+            for tag, value in numbers.items():
+                writer.add_scalar(tag, value, step)
+            writer.flush()
+        CURVES.append((to_tensorboard, writer.close))
+    if args.wandb:
+        import wandb
+
+        id_file = os.path.join(args.out_dir, "wandb_id")
+        if not (resumed and os.path.exists(id_file)):
+            with open(id_file, "w") as f:
+                f.write(os.urandom(6).hex())
+        with open(id_file) as f:
+            run = wandb.init(project=args.wandb, id=f.read(), resume="allow", dir=args.out_dir, config=vars(args),
+                             name=os.path.basename(os.path.abspath(args.out_dir)))
+        CURVES.append((lambda numbers, step: run.log(numbers, step=step), run.finish))
+
+
+def log_line(record, out_dir):
+    """Rank 0: a training run's record as one printed line, appended to OUT_DIR/log.jsonl and passed to the curve
+    writers (tags train/KEY, or eval/KEY for evaluation results). Keys ending in _s are durations in seconds."""
+    if dist.is_initialized() and dist.get_rank() != 0:
+        return
+
+    def field(k, v):
+        if k.endswith("_s") and isinstance(v, (int, float)):
+            return f"{k} {v:.1f}" if v < 60 else f"{k} {int(v) // 3600}:{int(v) // 60 % 60:02d}:{int(v) % 60:02d}"
+        return f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
+    print(" | ".join(field(k, v) for k, v in record.items()), flush=True)
+    with open(os.path.join(out_dir, "log.jsonl"), "a") as f:
+        f.write(json.dumps(record) + "\n")
+    numbers = {f"{'eval' if k.startswith(('zeroshot_', 'retrieval_', 'eval_')) else 'train'}/{k}": v
+               for k, v in record.items() if k != "step" and isinstance(v, (int, float))}
+    for write, _ in CURVES:
+        write(numbers, record["step"])
+
+
+def close_curves():
+    while CURVES:
+        CURVES.pop()[1]()
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -501,12 +716,8 @@ def evaluate(args, device, rank=0, world_size=1):
         probe_train = torch.utils.data.Subset(probe_train,
                                               torch.linspace(0, len(probe_train) - 1, k).round().long().tolist())
 
-    cuda = device.type == "cuda"
-    precision = args.precision or default_precision(device)
-    autocast = (torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
-                if precision != "fp32" else nullcontext())
-    workers = (args.workers if args.workers is not None
-               else max(0, min(8, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", "1")) - 1)))
+    workers = args.workers if args.workers is not None else default_workers()
+    autocast = autocast_context(args.precision or default_precision(device), device)
     common = dict(device=device, batch_size=args.batch_size, workers=workers, autocast=autocast, rank=rank,
                   world_size=world_size)
 

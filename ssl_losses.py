@@ -1,6 +1,7 @@
-"""Visual self-supervised losses (SimCLR, BYOL/SimSiam, Barlow Twins, VICReg, SwAV) and SwALIP, exact under DDP.
+"""Visual self-supervised losses (SimCLR, BYOL/SimSiam, Barlow Twins, VICReg, SwAV) and SwALIP, exact under DDP,
+and the CLIP + SSL baselines that clip.py's `--ssl NAME` adds to CLIP: per name, the heads that feed the loss.
 
-Each function takes this rank's LOCAL embeddings ([b, D], the same b on every rank) and takes every batch
+Each loss function takes this rank's LOCAL embeddings ([b, D], the same b on every rank) and takes every batch
 statistic (negatives, means, variances, covariances, cross-correlations, Sinkhorn sums) over the GLOBAL
 batch of N = b * world_size samples. The convention, the same as clip.py's `clip_loss`:
   * the MEAN over ranks of the returned losses is the loss of the global batch (a term that is a mean over
@@ -10,11 +11,19 @@ batch of N = b * world_size samples. The convention, the same as clip.py's `clip
     the whole global batch.
 Softmax, cross-entropy and all statistics are computed in fp32. Without a process group (or with one
 rank) the collectives are no-ops and every function is the plain single-process loss. Copy a function
-together with the helpers it calls; the file imports only torch.
+together with the helpers it calls; the file imports only torch (and the standard library).
+
+The baselines (SLIP, Mu et al. 2021; Fini et al. 2023, whose official code is github.com/facebookresearch/clip-rocket)
+come last, one class per `--ssl` name: its heads on the towers' features (projectors, predictors, BYOL's EMA
+teacher, SwAV's prototypes and their freeze), its loss on their outputs, its paper's equation in the docstring.
+clip.py's CLIP holds one as `ssl_head` and adds its loss to InfoNCE with `--ssl-weight`.
 """
+
+import copy
 
 import torch
 import torch.distributed as dist
+import torch.nn as nn
 import torch.nn.functional as F
 
 
@@ -36,16 +45,12 @@ class AllReduceWithGrad(torch.autograd.Function):
     output, so its gradient is the sum of all ranks' output gradients."""
 
     @staticmethod
-    def forward(ctx, x):
-        x = x.clone()
+    def forward(ctx, x):  # also the backward, on the output gradient
+        x = x.clone()  # never all-reduce autograd's buffer in place
         dist.all_reduce(x)
         return x
 
-    @staticmethod
-    def backward(ctx, grad):
-        grad = grad.clone()
-        dist.all_reduce(grad)
-        return grad
+    backward = forward
 
 
 def all_reduce_with_grad(x):
@@ -236,3 +241,342 @@ def swalip_loss(h_image, h_text, logit_scale, epsilon=0.05, iters=3):
     terms = [cross_entropy(S_image[a][c], Q_image[1 - a][1 - c]) + cross_entropy(S_text[c][a], Q_text[1 - c][1 - a])
              for a in range(2) for c in range(2)]  # 4 x scalar
     return torch.stack(terms).mean() / 2
+
+
+# ---------------------------------------------------------------------------------------------------
+# Building blocks of the heads: a BatchNorm over the global batch, MLP projectors, SwAV's prototypes
+
+
+class BatchNorm(nn.BatchNorm1d):
+    """BatchNorm1d whose training statistics are those of the global batch: the sums go through an
+    autograd-aware all-reduce, so 2 ranks on halves compute exactly what 1 process computes on the whole
+    batch, on gloo (CPU) and NCCL alike. (torch.nn.SyncBatchNorm does the same on GPUs only.)
+    The running statistics of a step go to `pending_*` buffers first and become the running ones only if the
+    step is applied (apply_running); buffers, updated in place, and not Python attributes, so that
+    torch.compile traces them without a recompile per step."""
+
+    STATISTICS = ("running_mean", "running_var", "num_batches_tracked")
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        for name in self.STATISTICS:
+            self.register_buffer("pending_" + name, getattr(self, name).clone(), persistent=False)
+
+    def forward(self, x):  # [b, C]
+        if not self.training:
+            return super().forward(x)  # running statistics
+        x = x.float()
+        n = x.shape[0] * get_world_size()
+        mean = all_reduce_with_grad(x.sum(0)) / n  # [C]
+        var = all_reduce_with_grad(((x - mean) ** 2).sum(0)) / n  # [C], biased, as BatchNorm1d
+        with torch.no_grad():  # the step's running statistics, held until the step is known to be applied
+            self.pending_running_mean.lerp_(mean, self.momentum)
+            self.pending_running_var.lerp_(var * n / max(1, n - 1), self.momentum)  # unbiased, as BatchNorm1d
+            self.pending_num_batches_tracked += 1
+        x = (x - mean) / torch.sqrt(var + self.eps)  # [b, C]
+        return x * self.weight + self.bias if self.affine else x
+
+    def apply_running(self, applied):
+        """After the optimizer step: keep this step's running statistics only if the step was applied (a
+        skipped non-finite step leaves them as they were). `applied`: a bool tensor on the device, no sync."""
+        for name in self.STATISTICS:
+            running, pending = getattr(self, name), getattr(self, "pending_" + name)
+            running.copy_(torch.where(applied, pending, running))
+            pending.copy_(running)
+
+    @staticmethod
+    def apply_all(model, applied):
+        """apply_running on every BatchNorm of model."""
+        for module in model.modules():
+            if isinstance(module, BatchNorm):
+                module.apply_running(applied)
+
+    def _load_from_state_dict(self, *args, **kwargs):  # a loaded checkpoint's statistics are the pending ones too
+        super()._load_from_state_dict(*args, **kwargs)
+        for name in self.STATISTICS:
+            getattr(self, "pending_" + name).copy_(getattr(self, name))
+
+
+def mlp(dims, last_bn=False, last_affine=True):
+    """Linear-BN-ReLU for every hidden width, then a Linear (and a BatchNorm if last_bn): the projectors
+    and predictors of SimCLR, SimSiam, Barlow Twins and the strong branch of Fini et al."""
+    layers = []
+    for d_in, d_out in zip(dims[:-2], dims[1:-1]):
+        layers += [nn.Linear(d_in, d_out, bias=False), BatchNorm(d_out), nn.ReLU()]
+    layers.append(nn.Linear(dims[-2], dims[-1], bias=not last_bn))
+    if last_bn:
+        layers.append(BatchNorm(dims[-1], affine=last_affine))
+    return nn.Sequential(*layers)
+
+
+def per_view(head, features):
+    """Apply a head to each view separately (its BatchNorm sees one view at a time): [B, V, C] -> [B, V, d]."""
+    return torch.stack([head(features[:, v]) for v in range(features.shape[1])], dim=1)
+
+
+class Prototypes(nn.Module):
+    """K learnable unit-norm prototypes c_k [K, d] (SwAV; Fini et al.'s SwALIPV1, a weight-normalised Linear with
+    the norm fixed at 1 and nn.Linear's initialisation), scores z . c_k of normalised embeddings, in fp32. As in the
+    official code, the prototypes get no gradient in the first `freeze_iters` optimizer steps, so the optimizer
+    skips them (no step, no weight decay, Adam moments and step count untouched). DDP skips them too
+    (`self_averaged`): their gradient is averaged over ranks here, as DDP would."""
+
+    def __init__(self, dim, K, freeze_iters):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(K, dim).uniform_(-(dim**-0.5), dim**-0.5))  # [K, d]
+        self.freeze_iters, self.steps_done = freeze_iters, 0
+        self.frozen = freeze_iters > 0  # a bool, not the count, in the forward: torch.compile recompiles once
+
+    def forward(self, z):  # [B, d] -> [B, K]
+        c = self.weight.detach() if self.frozen else AverageGradient.apply(self.weight)  # [K, d]
+        with torch.autocast(z.device.type, enabled=False):  # fp32 scores, as nCLIP's: Sinkhorn divides them by 0.05
+            return F.normalize(z.float(), dim=-1) @ F.normalize(c.float(), dim=-1).t()  # [B, K]
+
+    def count_step(self):
+        self.steps_done += 1
+        self.frozen = self.steps_done < self.freeze_iters
+
+    def get_extra_state(self):  # saved in the state dict, so a resumed run freezes for the same steps
+        return {"steps_done": self.steps_done}
+
+    def set_extra_state(self, state):
+        self.steps_done = state["steps_done"]
+        self.frozen = self.steps_done < self.freeze_iters
+
+
+def self_averaged(model):
+    """The names of model's parameters that average their own gradient over ranks (Prototypes): DDP skips them."""
+    return [f"{name}.weight" for name, module in model.named_modules() if isinstance(module, Prototypes)]
+
+
+class AverageGradient(torch.autograd.Function):
+    """Identity whose backward averages the gradient over ranks: what DDP does for the parameters it syncs."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        if get_world_size() == 1:
+            return grad
+        grad = grad.clone()  # never all-reduce autograd's buffer in place
+        dist.all_reduce(grad)
+        return grad / get_world_size()
+
+
+
+# ---------------------------------------------------------------------------------------------------
+# The CLIP + SSL baselines of clip.py's --ssl NAME: per name its heads on the towers' features and its loss
+# on their outputs. Widths are the papers' (hidden, output), and narrower ones for the tiny preset (small).
+
+
+class SSLHead(nn.Module):
+    """What clip.py's CLIP asks of its `ssl_head`. forward(features) -> the outputs the loss takes (keys ssl_*),
+    from the towers' features {"image": [B, V, Cv], "text": [B, 1 + A, Ct]} of the weak view, the A strong views
+    and (SLIP) its extra image views; loss(out) -> the SSL term. The hooks below do nothing unless overridden."""
+
+    weight = 1.0  # the default --ssl-weight
+    extra_image_views = 0  # image views the loader adds for this head
+
+    def teacher_features(self, run):
+        """Features of an EMA teacher's towers (BYOL); run(visual, text) runs a pair of towers on the batch's views."""
+        return {}
+
+    def after_step(self, model, applied):
+        """After the optimizer step; applied: a bool tensor on the device, False when the step was skipped."""
+
+
+def mean_over_pairs(term, A):
+    """Fini et al.'s cross-modal terms: term(image view, text view) averaged over the weak pair (0, 0) and the A^2
+    (strong image view, strong text view) pairs."""
+    pairs = [(0, 0)] + [(1 + a, 1 + b) for a in range(A) for b in range(A)]
+    return torch.stack([term(i, t) for i, t in pairs]).mean()
+
+
+class SLIP(SSLHead):
+    """SLIP (Mu et al. 2021, arXiv:2112.12750): SimCLR within the image modality. Two extra SimCLR views of each
+    image (the loader puts them last) through the image tower and an MLP (4096, 4096, 256),
+        L_ssl = NT-Xent(z1, z2), tau = 0.1   (simclr_loss)"""
+
+    extra_image_views = 2
+
+    def __init__(self, vision_width, text_width, small=False):
+        super().__init__()
+        hidden, out = (256, 64) if small else (4096, 256)
+        self.project_image = mlp([vision_width, hidden, hidden, out])
+
+    def forward(self, features):
+        f_image = features["image"]  # [B, V, Cv], the two SimCLR views last
+        return {"ssl_z1": self.project_image(f_image[:, -2]), "ssl_z2": self.project_image(f_image[:, -1])}  # [B, d]
+
+    @staticmethod
+    def loss(out):
+        return simclr_loss(out["ssl_z1"], out["ssl_z2"], temperature=0.1)
+
+
+class SiamLIP(SSLHead):
+    """SiamLIP (Fini et al. 2023): SimSiam across modalities. Per modality a projector ending in a non-affine
+    BatchNorm (hidden 2048, output 128) and a predictor per direction: p_I, predicted from the image's z_I, targets
+    the caption's z_T and p_T targets z_I, with D(p, z) = 2 - 2 cos(p, sg(z)) (byol_loss):
+        L_ssl = mean over the weak and the A^2 strong pairs (i, t) of 1/2 [ D(p_I,i, z_T,t) + D(p_T,t, z_I,i) ]"""
+
+    def __init__(self, vision_width, text_width, small=False):
+        super().__init__()
+        hidden, out = (256, 64) if small else (2048, 128)
+        self.project_image = mlp([vision_width, hidden, out], last_bn=True, last_affine=False)
+        self.project_text = mlp([text_width, hidden, out], last_bn=True, last_affine=False)
+        self.predict_text = mlp([out, hidden, out])  # from the image embedding, predicts the text target
+        self.predict_image = mlp([out, hidden, out])
+
+    def forward(self, features):
+        f_image, f_text = features["image"], features["text"]  # [B, 1 + A, Cv], [B, 1 + A, Ct]
+        z_image = per_view(self.project_image, f_image[:, : f_text.shape[1]])  # [B, 1 + A, d]
+        z_text = per_view(self.project_text, f_text)  # [B, 1 + A, d]
+        return {"ssl_image": z_image, "ssl_text": z_text,
+                "ssl_image_pred": per_view(self.predict_text, z_image),  # [B, 1 + A, d]
+                "ssl_text_pred": per_view(self.predict_image, z_text)}  # [B, 1 + A, d]
+
+    @staticmethod
+    def loss(out):
+        def D(i, t):  # image view i predicts text view t, and the reverse
+            return (byol_loss(out["ssl_image_pred"][:, i], out["ssl_text"][:, t])
+                    + byol_loss(out["ssl_text_pred"][:, t], out["ssl_image"][:, i])) / 2
+
+        return mean_over_pairs(D, out["ssl_image"].shape[1] - 1)
+
+
+class BYOLIP(SiamLIP):
+    """BYOLIP (Fini et al. 2023): SiamLIP whose targets z come from an EMA teacher (BYOL, Grill et al. 2020,
+    arXiv:2006.07733): copies of the towers and projectors that get no gradient and, after each applied step,
+        xi <- tau xi + (1 - tau) theta,   tau = 0.99 (--ema)
+    Like the official one, the teacher runs in training mode (batch statistics, text dropout on strong captions)."""
+
+    def __init__(self, visual, text, small=False, ema=0.99):
+        super().__init__(visual.width, text.width, small)
+        self.ema = ema
+        self.teacher = nn.ModuleDict({"visual": copy.deepcopy(visual), "text": copy.deepcopy(text),
+                                      "project_image": copy.deepcopy(self.project_image),
+                                      "project_text": copy.deepcopy(self.project_text)})
+        self.teacher.requires_grad_(False)
+
+    def teacher_features(self, run):
+        with torch.no_grad():
+            f = run(self.teacher["visual"], self.teacher["text"])
+        return {"teacher_image": f["image"], "teacher_text": f["text"]}  # [B, 1 + A, Cv], [B, 1 + A, Ct]
+
+    def forward(self, features):
+        out = super().forward(features)
+        with torch.no_grad():  # the targets: the teacher's projectors on the teacher's tower features
+            out["ssl_image"] = per_view(self.teacher["project_image"], features["teacher_image"])  # [B, 1 + A, d]
+            out["ssl_text"] = per_view(self.teacher["project_text"], features["teacher_text"])  # [B, 1 + A, d]
+        return out
+
+    @torch.no_grad()
+    def after_step(self, model, applied):
+        weight = (1 - self.ema) * applied.float()  # 0 for a skipped step: the teacher stays
+        students = {"visual": model.visual, "text": model.text, "project_image": self.project_image,
+                    "project_text": self.project_text}
+        for name, student in students.items():
+            for teacher, parameter in zip(self.teacher[name].parameters(), student.parameters()):
+                teacher.lerp_(parameter, weight)
+
+
+class BarLIP(SSLHead):
+    """BarLIP (Fini et al. 2023): Barlow Twins across modalities. 3-layer projectors (hidden 3000, output 8192)
+    ending in an affine BatchNorm, so the loss standardises no further: C = z_I^T z_T / N over the global batch,
+        L_ssl = mean over the weak and the A^2 strong pairs of  sum_i (1 - C_ii)^2 + lambda sum_{i != j} C_ij^2,
+    lambda = 5e-3 (barlow_twins_loss with standardise=False), weight 0.025."""
+
+    weight = 0.025
+    last_bn = True
+
+    def __init__(self, vision_width, text_width, small=False):
+        super().__init__()
+        hidden, out = (256, 256) if small else (3000, 8192)
+        self.project_image = mlp([vision_width, hidden, hidden, out], last_bn=self.last_bn)
+        self.project_text = mlp([text_width, hidden, hidden, out], last_bn=self.last_bn)
+
+    def forward(self, features):
+        f_image, f_text = features["image"], features["text"]  # [B, 1 + A, Cv], [B, 1 + A, Ct]
+        return {"ssl_image": per_view(self.project_image, f_image[:, : f_text.shape[1]]),  # [B, 1 + A, d]
+                "ssl_text": per_view(self.project_text, f_text)}  # [B, 1 + A, d]
+
+    @staticmethod
+    def loss(out):
+        return mean_over_pairs(lambda i, t: barlow_twins_loss(out["ssl_image"][:, i], out["ssl_text"][:, t],
+                                                              standardise=False), out["ssl_image"].shape[1] - 1)
+
+
+class VICRegLIP(BarLIP):
+    """VICReg (Bardes et al. 2022) across modalities, in neither paper: BarLIP's pairs and projector shape, ending
+    in a Linear; L_ssl = mean over the pairs of vicreg_loss(z_I, z_T) (25/25/1), weight 0.04."""
+
+    weight = 0.04
+    last_bn = False
+
+    @staticmethod
+    def loss(out):
+        return mean_over_pairs(lambda i, t: vicreg_loss(out["ssl_image"][:, i], out["ssl_text"][:, t]),
+                               out["ssl_image"].shape[1] - 1)
+
+
+class SwALIPV1(SSLHead):
+    """SwALIPV1 (Fini et al.'s code; SwAV, Caron et al. 2020, across modalities), on the weak pair: a projector per
+    modality (hidden 2048, output 128) and K = 3000 unit-norm prototypes shared by both; each modality's scores
+    z . c / 0.1 against the Sinkhorn assignment of the other's (swav_loss), weight 0.2. The prototypes get no
+    update in the first freeze_iters optimizer steps (--swav-freeze-iters)."""
+
+    weight = 0.2
+
+    def __init__(self, vision_width, text_width, small=False, freeze_iters=100):
+        super().__init__()
+        hidden, out, K = (256, 64, 256) if small else (2048, 128, 3000)
+        self.project_image, self.project_text = mlp([vision_width, hidden, out]), mlp([text_width, hidden, out])
+        self.prototypes = Prototypes(out, K, freeze_iters)
+
+    def forward(self, features):
+        return {"ssl_image": self.prototypes(self.project_image(features["image"][:, 0])),  # [B, K]
+                "ssl_text": self.prototypes(self.project_text(features["text"][:, 0]))}  # [B, K]
+
+    @staticmethod
+    def loss(out):
+        return swav_loss(out["ssl_image"], out["ssl_text"], temperature=0.1)
+
+    def after_step(self, model, applied):
+        self.prototypes.count_step()
+
+
+class SwALIP(SSLHead):
+    """SwALIP (Fini et al. 2023, the variant of the paper's tables): no head of its own. swalip_loss on the two
+    strong views' embeddings (clip.py's MLP projector) and their learnable temperature, with the other modality's
+    global batch as the prototypes; weight 0.2. Needs --strong-views 2."""
+
+    weight = 0.2
+
+    def forward(self, features):
+        return {}
+
+    @staticmethod
+    def loss(out):
+        return swalip_loss(out["strong_image"], out["strong_text"], out["strong_logit_scale"])
+
+
+SSL_HEADS = {"simclr": SLIP, "simsiam": SiamLIP, "byol": BYOLIP, "barlow": BarLIP, "vicreg": VICRegLIP,
+             "swav": SwALIPV1, "swalip": SwALIP}
+
+
+def build_head(name, visual, text, small=False, ema=0.99, freeze_iters=100):
+    """The head of --ssl NAME on the towers visual and text (None for 'none'); small: the tiny preset's widths."""
+    if name in ("simclr", "simsiam", "barlow", "vicreg"):
+        return SSL_HEADS[name](visual.width, text.width, small)
+    if name == "byol":  # the teacher copies the towers
+        return BYOLIP(visual, text, small, ema)
+    if name == "swav":
+        return SwALIPV1(visual.width, text.width, small, freeze_iters)
+    return SwALIP() if name == "swalip" else None
+
+
+def ssl_loss(out, name):
+    """The SSL term of --ssl NAME from the outputs of clip.py's CLIP."""
+    return SSL_HEADS[name].loss(out)

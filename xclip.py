@@ -4,18 +4,16 @@ One forward of shared towers feeds two heads per modality: CLIP's linear project
 batch, see clip.py) and nCLIP's prototype heads (cross-modal distribution prediction, see nclip.py):
     L = alpha * L_CLIP + beta * L_nCLIP
     L_CLIP  = 1/2 [ CE(s I T^T, y) + CE(s T I^T, y) ]
-    L_nCLIP = 1/2 [ H(q_T, p_I) + H(q_I, p_T) ] + lambda * 1/2 sum_m ( log K - H(mean over the batch of p_m) )
-The paper reports that the two objectives help each other: better zero-shot transfer and better
-representations than CLIP alone. alpha = beta = 1 by default; a public summary of the paper reports
-0.3 / 0.7 (unverified), so both weights are flags.
+    L_nCLIP = 1/2 [ H(q_T, p_I) + H(q_I, p_T) ] + 1/2 sum_m [ lambda (log K - H(mean_b p_m)) + mu mean_b H(p_m) ]
+(m = I, T; mean_b over the global batch; the per-sample entropy term mu, --sharpness, is on by default, as lambda).
+The paper reports that the two objectives help each other: better zero-shot transfer and better representations
+than CLIP alone. alpha = beta = 1 by default; a public summary of the paper reports 0.3 / 0.7 (unverified).
 
-A reconstruction, not the authors' code: their code was never released; the nCLIP head, temperatures
-and anti-collapse term are our choices, argued in nclip.py's docstring. Zero-shot uses the CLIP head
-("linear"); the nCLIP head's Bhattacharyya score is evaluated too ("nclip").
+A reconstruction (the authors' code was never released): nCLIP's head, temperatures and anti-collapse terms are
+ours, argued in nclip.py's docstring. Zero-shot uses the CLIP head ("linear") and scores the nCLIP head too ("nclip").
 
-Differs from nclip.py in:
-  - the model also has CLIP's linear projections and temperature, and its loss adds InfoNCE (`xclip_loss`)
-  - zero-shot evaluation scores the CLIP head first
+Differs from nclip.py in: CLIP's linear projections and temperature besides the prototype heads, InfoNCE in the
+loss (`xclip_loss`), and zero-shot evaluation scoring the CLIP head first.
 
 Launch:
   python xclip.py                                                  # CPU: tiny model, synthetic data, ~3 min
@@ -24,25 +22,15 @@ Launch:
       --epochs 32 --batch-size 256 --lr 5e-4 --wd 0.5 --warmup 2000 --resume auto   # 8 GPUs, global batch 2048
   torchrun --nnodes=2 --nproc_per_node=8 --rdzv-backend=c10d --rdzv-endpoint=$HEAD_NODE:29500 xclip.py ...  # 2 nodes
 
-Reference result: `python xclip.py` (tiny, 600 steps x 256 pairs) on a 2-core CPU without a GPU: zero-shot
-top-1 0.975 (3 seeds: 0.978, 0.970, 0.977), linear probe 0.989, 3.3 min each; README.md "Results".
-
-Layout: the method comes first (its flags, model and heads, loss and `compute_loss`); everything after
-`# --- shared: plumbing ---` (common flags, towers, distributed helpers, training loop, checkpoints, logs)
-is the same in clip.py, nclip.py and xclip.py.
+Reference results: README.md "Results" (`python xclip.py`, 3 seeds, zero-shot and linear probe, on a 2-core CPU).
 """
 
 import argparse
-import importlib.util
 import json
 import math
 import os
-import platform
-import re
-import resource
 import signal
 import time
-from contextlib import nullcontext
 
 import torch
 import torch.distributed as dist
@@ -66,8 +54,7 @@ def method_args(parser):
     g = parser.add_argument_group("xCLIP: L = alpha * L_CLIP + beta * L_nCLIP")
     g.add_argument("--clip-weight", type=float, default=1.0, help="alpha, the weight of the InfoNCE term")
     g.add_argument("--nclip-weight", type=float, default=1.0,
-                   help="beta, the weight of the nCLIP term (a public summary of the paper reports alpha 0.3, "
-                        "beta 0.7)")
+                   help="beta, the weight of the nCLIP term (a public summary of the paper: alpha 0.3, beta 0.7)")
     nclip_args(parser.add_argument_group("nCLIP (Zhou et al. 2023; head and regulariser reconstructed)"))
 
 
@@ -76,8 +63,7 @@ def resolve_method_args(args, parser):
 
 
 class XCLIP(nn.Module):
-    """Two towers; per modality a linear projection (CLIP) and a prototype head (nCLIP) on the same pooled
-    features; CLIP's learnable temperature."""
+    """Two towers; per modality a linear projection (CLIP) and a prototype head (nCLIP); CLIP's temperature."""
 
     def __init__(self, model="tiny", vocab_size=data.VOCAB_SIZE, prototypes=1024, head_hidden=256,
                  head_bottleneck=64, student_temp=0.1):
@@ -127,9 +113,8 @@ class XCLIP(nn.Module):
                           lambda t: sqrt_distribution(self.text_head(self.text(t)), self.student_temp))}
 
     def flops_per_sample(self, text_length=None, recompute=False):
-        """Training FLOPs per pair: forward + backward (2x forward) of the towers, projections and heads,
-        captions run on text_length tokens (default: the full context); gradient caching (recompute=True) runs
-        the towers twice."""
+        """Training FLOPs per pair: forward + backward (2x forward) of the towers, projections and heads, captions
+        cut at text_length tokens (default: the context); gradient caching (recompute=True) runs the towers twice."""
         projections = 2 * (self.image_projection.weight.numel() + self.text_projection.weight.numel())
         towers = self.visual.flops() + self.text.flops(text_length)
         heads = self.image_head.flops() + self.text_head.flops()
@@ -153,10 +138,8 @@ def nclip_args(g):
     g.add_argument("--prototypes", type=int, default=None,
                    help="K, the size of each distribution (the paper: 32768 for base models; default 32768, 1024 "
                         "for tiny). Keep the global batch in the thousands when K is large")
-    g.add_argument("--head-hidden", type=int, default=None,
-                   help="hidden width of the head's MLP (default 2048; 256 for tiny)")
-    g.add_argument("--head-bottleneck", type=int, default=None,
-                   help="width of the L2-normalised bottleneck before the prototypes (default 256; 64 for tiny)")
+    g.add_argument("--head-hidden", type=int, help="hidden width of the head's MLP (default 2048, tiny: 256)")
+    g.add_argument("--head-bottleneck", type=int, help="width of the L2-normalised bottleneck (default 256, tiny: 64)")
     g.add_argument("--student-temp", type=float, default=0.1, help="tau_s: temperature of the predictions p")
     g.add_argument("--teacher-temp", type=float, default=0.04,
                    help="tau_t of --targets softmax: below tau_s it sharpens the targets, which keeps the outputs "
@@ -175,10 +158,9 @@ def nclip_args(g):
 
 def resolve_nclip_args(args):
     """Head sizes: the paper's base-model scale, or a small head for the tiny preset."""
-    small = args.model == "tiny"
     for key, base, tiny in (("prototypes", 32768, 1024), ("head_hidden", 2048, 256), ("head_bottleneck", 256, 64)):
         if getattr(args, key) is None:
-            setattr(args, key, tiny if small else base)
+            setattr(args, key, tiny if args.model == "tiny" else base)
     return args
 
 
@@ -248,7 +230,6 @@ def sinkhorn(scores, epsilon=0.05, iters=3, capped=False):
 def nclip_loss(image_scores, text_scores, student_temp=0.1, teacher_temp=0.04, reg_weight=1.0,
                targets="sinkhorn", sharpness=1.0):
     """nCLIP (Zhou et al. 2023), exact under DDP; see the module docstring for the equation.
-
     image_scores, text_scores: this rank's prototype scores z_I, z_T [b, K].
     Prediction term: each rank's mean over its samples (the mean over ranks is the global mean).
     Regulariser: p_bar is the mean of p over the global batch (summed over ranks with gradient), so it is
@@ -327,8 +308,7 @@ def gather_with_grad(x):
 
 def xclip_loss(image_features, text_features, logit_scale, image_scores, text_scores, clip_weight=1.0,
                nclip_weight=1.0, **nclip_options):
-    """L = alpha * L_CLIP + beta * L_nCLIP on the outputs of one forward of the shared towers, exact under
-    DDP as both terms are. -> (loss, logs)."""
+    """L = alpha * L_CLIP + beta * L_nCLIP on one forward of the shared towers, exact under DDP. -> (loss, logs)"""
     l_clip = clip_loss(image_features, text_features, logit_scale)
     l_nclip, stats = nclip_loss(image_scores, text_scores, **nclip_options)
     logs = {"clip_loss": l_clip.detach(), "nclip_loss": l_nclip.detach(), **stats}
@@ -345,8 +325,7 @@ def compute_loss(out, args):
 
 
 # =====================================================================================================================
-# Everything below is the same in clip.py, nclip.py and xclip.py (tests/test_sync.py checks it): common
-# flags, the towers, distributed helpers, the training loop, checkpoints, logging.
+# The plumbing, the same in clip.py, nclip.py and xclip.py (tests/test_sync.py checks it): flags, towers, main, train.
 
 
 # --- shared: plumbing ---
@@ -358,34 +337,24 @@ def common_args(parser):
                         "shards in img2dataset layout such as '/data/cc3m/{00000..00331}.tar'")
     g.add_argument("--csv-img-key", default="filepath", help="CSV column holding image paths (relative to the file)")
     g.add_argument("--csv-caption-key", default="caption", help="CSV column holding captions")
-    g.add_argument("--csv-separator", default=None, help="CSV separator (default: tab for .tsv, comma otherwise)")
-    g.add_argument("--train-num-samples", type=int, default=None,
-                   help="tar shards: samples per epoch (default: counted from the tar headers at start)")
-    g.add_argument("--workers", type=int, default=None,
+    g.add_argument("--csv-separator", help="CSV separator (default: tab for .tsv, comma otherwise)")
+    g.add_argument("--train-num-samples", type=int, help="tar shards: samples per epoch (default: counted at start)")
+    g.add_argument("--workers", type=int,
                    help="data loader processes per rank (default: CPUs per rank - 1, at most 8). Raise it if the "
                         "logged data_time is more than a few percent of the step time")
-
     g = parser.add_argument_group("model")
     g.add_argument("--model", default="tiny", choices=list(PRESETS),
-                   help="tower sizes: 'tiny' trains on a laptop CPU in minutes; the ViT presets use CLIP's "
-                        "12-layer text tower (width 768 for ViT-L/14) at 224 px")
+                   help="'tiny' trains on a laptop CPU in minutes; the ViT presets: 224 px, CLIP's text tower")
     g.add_argument("--grad-checkpointing", action="store_true",
-                   help="recompute each block's activations in the backward pass: ~1/3 more compute, much less "
-                        "memory; use it when a larger per-GPU batch matters more than speed")
-
+                   help="recompute activations in the backward pass: ~1/3 more compute, room for a larger batch")
     g = parser.add_argument_group("optimisation")
     g.add_argument("--batch-size", type=int, default=256,
-                   help="per process; the contrastive batch is batch-size x world size. Larger batches give more "
-                        "negatives, which helps contrastive losses; scale --lr with it")
+                   help="per process (x world size: the contrastive batch; more negatives help); scale --lr with it")
     g.add_argument("--accum-steps", type=int, default=1, metavar="K",
-                   help="gradient caching (Gao et al. 2021): each step takes K micro-batches of --batch-size per "
-                        "process, runs the towers on them one at a time, the heads and the loss once on all of "
-                        "them: the gradient of one step on K x batch-size x world size pairs (every pair a "
-                        "negative of every other), with the towers' activation memory of one micro-batch, for "
-                        "one more tower forward. Use it when --grad-checkpointing still leaves the batch too small")
-    g.add_argument("--steps", type=int, default=None,
-                   help="optimizer steps (default: --epochs x steps per epoch, or 600 if neither is given)")
-    g.add_argument("--epochs", type=float, default=None, help="passes over the data (sets --steps when that is unset)")
+                   help="gradient caching (Gao et al. 2021): the exact gradient of K x batch-size x world size pairs "
+                        "for one more tower forward and one micro-batch's tower memory; try --grad-checkpointing first")
+    g.add_argument("--steps", type=int, help="optimizer steps (default: --epochs x steps per epoch, else 600)")
+    g.add_argument("--epochs", type=float, help="passes over the data (sets --steps when that is unset)")
     g.add_argument("--lr", type=float, default=3e-3,
                    help="peak learning rate. SLIP and Fini et al. use 3e-3 at batch 4096 (ViT-B/16); CLIP used 5e-4 at "
                         "batch 32k. Lower it if the loss spikes or turns non-finite")
@@ -398,55 +367,24 @@ def common_args(parser):
                    help="linear warm-up steps before the cosine decay; about 1 epoch, or 2k-10k steps at scale")
     g.add_argument("--grad-clip", type=float, default=0.0, help="clip the global gradient norm to this (0: off)")
     g.add_argument("--max-bad-steps", type=int, default=20,
-                   help="a step whose loss or gradient is not finite is skipped; this many in a row stop the run "
-                        "with a checkpoint of the last good state")
-
+                   help="steps with a non-finite loss or gradient are skipped; this many in a row stop the run")
     g = parser.add_argument_group("system")
-    g.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: cuda if available)")
-    g.add_argument("--precision", default=None, choices=["bf16", "fp16", "fp32"],
-                   help="autocast dtype (default: bf16 on GPUs with compute capability 8.0 or newer (A100, H100, "
-                        "L4, ...), fp16 on older GPUs (V100, T4), fp32 on CPU); fp16 uses a dynamic loss scale")
-    g.add_argument("--compile", action="store_true",
-                   help="torch.compile the model: slower start (a minute or more), faster steps")
+    g.add_argument("--device", help="cuda, cuda:1, cpu (default: cuda if available)")
+    g.add_argument("--precision", choices=["bf16", "fp16", "fp32"],
+                   help="default: fp32 on CPU, bf16 on A100/H100/L4 and newer GPUs, fp16 with a loss scale on V100/T4")
+    g.add_argument("--compile", action="store_true", help="torch.compile: slower start (a minute or so), faster steps")
     g.add_argument("--seed", type=int, default=0, help="seeds initialisation, data order and augmentations")
-    g.add_argument("--peak-tflops", type=float, default=None,
-                   help="the accelerator's dense peak for the MFU column (default: looked up for known GPUs)")
-
+    g.add_argument("--peak-tflops", type=float, help="the dense peak for the MFU column (default: known GPUs' own)")
     g = parser.add_argument_group("run")
     g.add_argument("--out-dir", default=f"runs/{METHOD}", help="where ckpt.pt, log.jsonl and run.json go")
-    g.add_argument("--resume", default=None,
-                   help="'auto': continue from OUT_DIR/ckpt.pt if it exists; or the path of a checkpoint")
+    g.add_argument("--resume", help="'auto': continue from OUT_DIR/ckpt.pt if it exists; or a checkpoint's path")
     g.add_argument("--save-every", type=int, default=500,
-                   help="steps between writes of the rolling OUT_DIR/ckpt.pt that --resume auto continues (and one "
-                        "at the end)")
+                   help="steps between writes of OUT_DIR/ckpt.pt, which --resume auto continues; also at the end")
     g.add_argument("--keep-every", type=int, default=0,
                    help="steps between kept snapshots OUT_DIR/ckpt_STEP.pt (0: none), for eval_zeroshot.py or "
                         "--resume PATH later; each holds the optimizer too (about 3x the weights with AdamW)")
     g.add_argument("--log-every", type=int, default=50, help="steps between log lines")
-    g.add_argument("--tensorboard", nargs="?", const="", default=None, metavar="DIR",
-                   help="also write every logged number as a TensorBoard scalar to DIR (default: OUT_DIR/tensorboard); "
-                        "needs `pip install tensorboard`")
-    g.add_argument("--wandb", default=None, metavar="PROJECT",
-                   help="also log every number to this Weights & Biases project (`pip install wandb`); with "
-                        "WANDB_MODE=offline it stays in OUT_DIR/wandb, for `wandb sync` later")
-
-    g = parser.add_argument_group("evaluation during training, on every rank (eval_zeroshot.py gives the same numbers "
-                                  "for a checkpoint of the same step)")
-    g.add_argument("--eval-dataset", default=None, choices=["synthetic", "imagenet", "cifar10", "cifar100", "folder",
-                                                            "none"],
-                   help="zero-shot classification set (default: synthetic when --data is synthetic, else none); the "
-                        "layouts of eval_zeroshot.py: imagenet: DIR/val holds the 1000 WordNet-id folders; "
-                        "cifar10/100: torchvision's python archives in DIR; folder: an ImageFolder in DIR/val, "
-                        "DIR/test or DIR")
-    g.add_argument("--eval-data-dir", default=None, metavar="DIR",
-                   help="where --eval-dataset lives (all but synthetic)")
-    g.add_argument("--eval-retrieval", default=None, metavar="PAIRS.csv",
-                   help="also image<->text recall@1/5/10 on a CSV with one row per caption (image paths relative to "
-                        "it, columns as --csv-img-key/--csv-caption-key), e.g. the Flickr30k or COCO test split")
-    g.add_argument("--eval-every", type=int, default=0, help="steps between evaluations (0: only at the end)")
-    g.add_argument("--eval-samples", type=int, default=None,
-                   help="evaluate on this many images, evenly spaced through the set (default: all), to evaluate "
-                        "often on a large set")
+    eval_zeroshot.training_args(parser)  # --eval-* and the curves (--tensorboard, --wandb)
     return parser
 
 
@@ -471,24 +409,7 @@ def check_common_args(args, parser):
     if args.resume not in (None, "auto") and not os.path.isfile(args.resume) and single:
         parser.error(f"--resume {args.resume}: no such checkpoint file "
                      f"(use --resume auto to continue OUT_DIR/ckpt.pt if it exists)")
-    if args.eval_dataset is None:  # zero-shot on drawn shapes says nothing about a model trained on other data
-        args.eval_dataset = "synthetic" if args.data == "synthetic" else "none"
-    needs_dir = args.eval_dataset not in ("synthetic", "none")
-    if needs_dir and not (args.eval_data_dir and os.path.isdir(args.eval_data_dir)):
-        parser.error(f"--eval-dataset {args.eval_dataset} needs --eval-data-dir, an existing folder "
-                     f"(got {args.eval_data_dir!r})")
-    if args.eval_data_dir and not needs_dir:
-        parser.error(f"--eval-data-dir is read with --eval-dataset imagenet, cifar10, cifar100 or folder, "
-                     f"not {args.eval_dataset}")
-    if args.eval_retrieval and not os.path.isfile(args.eval_retrieval):
-        parser.error(f"--eval-retrieval {args.eval_retrieval}: no such file")
-    if args.eval_every and args.eval_dataset == "none" and not args.eval_retrieval:
-        parser.error("--eval-every: nothing to evaluate; give --eval-dataset and/or --eval-retrieval")
-    if args.tensorboard == "":
-        args.tensorboard = os.path.join(args.out_dir, "tensorboard")
-    for flag in ("tensorboard", "wandb"):
-        if getattr(args, flag) is not None and importlib.util.find_spec(flag) is None:
-            parser.error(f"--{flag} needs the {flag} package: pip install {flag}")
+    eval_zeroshot.check_training_args(args, parser)
     return args
 
 
@@ -515,8 +436,7 @@ PRESETS = {  # image tower (ViT) and text tower (causal Transformer) sizes, and 
 
 
 class Attention(nn.Module):
-    """Multi-head self-attention through F.scaled_dot_product_attention (flash / memory-efficient kernels
-    on GPU), with q, k and v from one fused projection."""
+    """Multi-head self-attention through F.scaled_dot_product_attention (flash kernels on GPU), one qkv projection."""
 
     def __init__(self, width, heads, causal):
         super().__init__()
@@ -594,8 +514,7 @@ class VisionTower(nn.Module):
 
 
 class TextTower(nn.Module):
-    """Causal Transformer as in CLIP: token + position embeddings, pre-LN blocks, LN, features at the
-    end-of-text token -> [B, width]."""
+    """Causal Transformer as in CLIP: token + position embeddings, pre-LN blocks, LN, features at the end-of-text."""
 
     def __init__(self, vocab_size, context_length, width, layers, heads):
         super().__init__()
@@ -621,8 +540,7 @@ class TextTower(nn.Module):
 
 
 def transformer_flops(tokens, width, layers):
-    """Forward FLOPs of `layers` blocks on `tokens` tokens: 24 N C^2 in the qkv, output and MLP matmuls,
-    4 N^2 C in the two attention products."""
+    """Forward FLOPs of blocks on N tokens: 24 N C^2 in the qkv, output and MLP matmuls, 4 N^2 C in attention."""
     return layers * (24 * tokens * width**2 + 4 * tokens**2 * width)
 
 
@@ -640,16 +558,12 @@ class AllReduceWithGrad(torch.autograd.Function):
     output, so its gradient is the sum of all ranks' output gradients."""
 
     @staticmethod
-    def forward(ctx, x):
-        x = x.clone()
+    def forward(ctx, x):  # also the backward, on the output gradient
+        x = x.clone()  # never all-reduce autograd's buffer in place
         dist.all_reduce(x)
         return x
 
-    @staticmethod
-    def backward(ctx, grad):
-        grad = grad.clone()
-        dist.all_reduce(grad)
-        return grad
+    backward = forward
 
 
 def all_reduce_with_grad(x):
@@ -663,14 +577,6 @@ def print0(*args, **kwargs):
         print(*args, **kwargs, flush=True)
 
 
-# Dense peak TFLOP/s for the MFU column, from NVIDIA's data sheets (without sparsity): (pattern matched on
-# torch.cuda.get_device_name, 16-bit tensor cores (bf16; fp16 on V100/T4), fp32 matmuls (TF32 from Ampere on)).
-# The first match wins, so each exact part comes before its family: an H100 PCIe or NVL is not an H100 SXM.
-GPU_PEAK_TFLOPS = [
-    (r"H100.*(PCIe|PCIE)", 756, 378), (r"H100 NVL", 835, 417.5), (r"H200 NVL", 835, 417.5),
-    (r"H100|H200|GH200", 989, 494.5), (r"A100", 312, 156), (r"A10G", 70, 35), (r"L40S", 362, 183),
-    (r"L40\b", 181, 90.5), (r"L4\b", 121, 60), (r"V100", 125, 15.7), (r"T4\b", 65, 8.1),
-]
 DEFAULT_STEPS = 600
 STOP_CHECK_EVERY = 10  # steps between the ranks' agreement on stopping (one tiny all-reduce, read on the host)
 
@@ -684,18 +590,15 @@ def main(args):
         device = torch.device("cuda", local_rank if device.index is None else device.index)
         torch.cuda.set_device(device)
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    if world_size > 1:
-        # A store prefix per torchrun attempt (--max-restarts): without it a restarted rank can read the address
-        # of a rank of the failed attempt and fail to connect (seen with gloo on torch 2.14).
+    if world_size > 1:  # a store prefix per torchrun attempt: else a restarted rank can read a dead rank's address
         store, _, _ = next(dist.rendezvous("env://"))
         store = dist.PrefixStore(f"attempt{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo", store=store, rank=rank,
                                 world_size=world_size, device_id=device if device.type == "cuda" else None)
-    # SIGTERM (a scheduler's kill), SIGUSR1 (SLURM's warning before the time limit) and SIGINT (Ctrl-C) only
-    # raise a flag: within STOP_CHECK_EVERY steps the ranks agree to stop, save a checkpoint and exit 0;
-    # `--resume auto` continues. Loader workers ignore these signals (data.ignore_stop_signals). A signal to the
-    # process group under torchrun arrives twice (directly, then forwarded by the agent): a repeat within 2 s is
-    # the same request; a later one ends the process at once.
+    # SIGTERM (a scheduler's kill), SIGUSR1 (SLURM's warning) and SIGINT (Ctrl-C) raise a flag: within STOP_CHECK_EVERY
+    # steps the ranks agree to stop, save a checkpoint and exit 0 (loader workers ignore them). Under torchrun a signal
+    # to the group arrives twice (directly and from the agent): a repeat within 2 s is the same request, a later one
+    # ends the process at once.
     stop = {}
 
     def handler(signum, frame):
@@ -711,36 +614,132 @@ def main(args):
     finally:
         for s, h in previous.items():
             signal.signal(s, h)
-        close_curves()
+        eval_zeroshot.close_curves()
         if dist.is_initialized():
             dist.destroy_process_group()
 
 
-def resolve_resume(args):
-    """--resume -> the checkpoint path to load, or None (auto, and no checkpoint yet)."""
-    if args.resume == "auto":
-        path = os.path.join(args.out_dir, "ckpt.pt")
-        return path if os.path.exists(path) else None
-    return args.resume
+def train(args, device, rank, world_size, stop):
+    """Build, resume, then each step: step, log, checkpoint (or stop), evaluate; the final evaluation -> its record."""
+    t_start, cuda = time.time(), device.type == "cuda"
+    precision, autocast = mixed_precision(args, device)
+    workers = args.workers if args.workers is not None else eval_zeroshot.default_workers()
+    ckpt, ckpt_path = agree_on_checkpoint(args, rank, world_size)
+    if rank == 0:
+        os.makedirs(args.out_dir, exist_ok=True)
+    size, context_length = PRESETS[args.model]["image_size"], PRESETS[args.model]["context_length"]
+    eval_sets = eval_zeroshot.open_eval_sets(args, size, context_length)  # bad input stops the run here, at once
+
+    # Build and resume. The same seed on every rank gives the same initial weights.
+    torch.manual_seed(args.seed)
+    raw_model, optimizer, scaler = build_training(args, device, precision)
+    torch.manual_seed(args.seed + rank)  # dropout and other model randomness differ per rank
+    start_step, data_state, elapsed_before = resume(ckpt, ckpt_path, raw_model, optimizer, scaler, device)
+    del ckpt
+    image_views, text_views = train_views(args)
+    loader = data.build_loader(
+        args.data, args.batch_size * args.accum_steps, image_views, text_views, rank=rank, world_size=world_size,
+        workers=workers, seed=args.seed, context_length=context_length, image_size=size, start_step=start_step,
+        state=data_state, pin_memory=cuda, csv_img_key=args.csv_img_key, csv_caption_key=args.csv_caption_key,
+        csv_separator=args.csv_separator, num_samples=args.train_num_samples)
+    total_steps = args.steps or (math.ceil(args.epochs * loader.steps_per_epoch) if args.epochs else DEFAULT_STEPS)
+    model = raw_model  # gradient caching calls the towers and the heads itself, and all-reduces by hand
+    if world_size > 1 and args.accum_steps == 1:
+        model = DDP(raw_model, device_ids=[device.index] if cuda else None)
+    if args.compile and args.accum_steps > 1:
+        raw_model.towers, raw_model.heads = torch.compile(raw_model.towers), torch.compile(raw_model.heads)
+    elif args.compile:
+        model = torch.compile(model)
+    if rank == 0:
+        eval_zeroshot.open_curves(args, resumed=ckpt_path is not None)
+    announce(args, raw_model, loader, total_steps, precision, device, workers, eval_sets)
+    meter = Meter(args, device, total_steps, loader.steps_per_epoch, t_start - elapsed_before,
+                  args.peak_tflops or eval_zeroshot.gpu_peak_tflops(device, precision))
+
+    def save(step, *names):  # every rank gives its random state and data position; rank 0 writes the files
+        state = {"method": METHOD, "args": vars(args), "step": step, "model": raw_model.state_dict(),
+                 "elapsed_s": time.time() - meter.started, "optimizer": optimizer.state_dict(),
+                 "scaler": scaler.state_dict(), "rng": all_gather_object(rng_state(device)),
+                 "data": all_gather_object(loader.state_dict())}
+        for name in names if rank == 0 else ():
+            save_checkpoint(os.path.join(args.out_dir, name), state)
+
+    def evaluate(step):  # every rank, on the raw model
+        return {"step": step, **eval_zeroshot.evaluate_during_training(
+            raw_model, eval_sets, args, context_length, device, autocast, workers, rank, world_size)}
+
+    batches, bad_in_a_row = iter(loader), torch.zeros((), device=device)
+    for step in range(start_step, total_steps):
+        # Step: a batch, augmented on the device; the learning rate; one optimizer step.
+        t_data = time.time()
+        images, tokens, params = next(batches)  # params [B, V, P]: each view's on-device augmentation, on the CPU
+        images, tokens = images.to(device, non_blocking=True), tokens.to(device, non_blocking=True)
+        images = augment.on_device(images, params)  # fp32 [B, V, 3, H, W], augmented and normalised
+        data_time = time.time() - t_data
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(step, args, total_steps)
+        loss, logs, applied = train_step(model, raw_model, optimizer, scaler, images, tokens, args, autocast, precision)
+        bad_in_a_row = (bad_in_a_row + 1) * ~applied
+        # FLOPs at the captions' cut length; gradient caching runs the towers twice
+        flops = raw_model.flops_per_sample(tokens.shape[-1], recompute=args.accum_steps > 1) * len(tokens)
+        meter.add(loss, logs, applied, data_time, flops)
+        done = step + 1
+
+        # Log: the steps since the last line, averaged over ranks.
+        if done % args.log_every == 0 or done == total_steps:
+            meter.log(done, lr_at(step, args, total_steps), loader.skipped)
+
+        # Stop or checkpoint. All ranks decide alike, on the max over ranks of (a signal arrived, bad steps in a row).
+        stopping = False
+        if done % STOP_CHECK_EVERY == 0 or done % args.log_every == 0 or done == total_steps:
+            flags = torch.stack([torch.tensor(float("signal" in stop), device=device), bad_in_a_row.float()])
+            if world_size > 1:
+                dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+            signalled, bad = flags.tolist()
+            if bad >= args.max_bad_steps:
+                save(done, "ckpt.pt")
+                raise SystemExit(f"{args.max_bad_steps} steps in a row had a non-finite loss or gradient; stopped at "
+                                 f"step {done} with the last good weights saved in {args.out_dir}/ckpt.pt "
+                                 f"(lower --lr or use --grad-clip)")
+            stopping = signalled > 0
+        keep = args.keep_every and done % args.keep_every == 0  # a snapshot kept besides the rolling ckpt.pt
+        if (args.save_every and done % args.save_every == 0) or done == total_steps or stopping or keep:
+            t_save = time.time()
+            save(done, "ckpt.pt", *([f"ckpt_{done}.pt"] if keep else []))
+            meter.t += time.time() - t_save  # the log interval's samples/s leaves checkpoint writes out
+        if stopping and done < total_steps:
+            record = {"step": done, "stopped_by": stop.get("signal", "another rank's signal")}
+            eval_zeroshot.log_line(record, args.out_dir)
+            print0(f"stopped by a signal at step {done} of {total_steps}; {args.out_dir}/ckpt.pt holds it: "
+                   f"run the same command with --resume auto to continue")
+            return {"step": done, "stopped": True}
+
+        # Evaluate, every --eval-every steps and at the end.
+        if args.eval_every and done % args.eval_every == 0 and done != total_steps:
+            record = evaluate(done)
+            meter.eval_time = record["eval_s"]
+            meter.t += meter.eval_time  # the log interval's samples/s leaves the evaluation out
+            eval_zeroshot.log_line(record, args.out_dir)
+    result = evaluate(total_steps)
+    if len(result) > 1:  # the run's last log line is its final evaluation (unless there is nothing to evaluate)
+        eval_zeroshot.log_line(result, args.out_dir)
+    return result
 
 
+# The pieces of train. Resume: which checkpoint, loaded and put in place.
 def agree_on_checkpoint(args, rank, world_size):
-    """-> (the checkpoint every rank resumes from, or None; its path). Each rank looks on its own file system
-    (nodes need not share one): OUT_DIR/ckpt.pt for --resume auto, PATH for --resume PATH. The newest
-    checkpoint that some rank could read is the one all ranks take: ranks without it receive it from the
-    rank that has it (a broadcast), so ranks never start from different steps or optimizer states. A
-    checkpoint no rank can read stops every rank with the same one-line error."""
-    path = resolve_resume(args)
-    ckpt, error = None, None
+    """-> (the checkpoint every rank resumes from, or None; its path). Each rank looks on its own file system (nodes
+    need not share one): OUT_DIR/ckpt.pt for --resume auto, or PATH. All ranks take the newest one some rank could
+    read, sent to the ranks without it; one that no rank can read stops every rank with the same one-line error."""
+    path, ckpt, error = args.resume, None, None
+    if path == "auto":
+        path = os.path.join(args.out_dir, "ckpt.pt")
+        path = path if os.path.exists(path) else None
     if path is not None:
         try:
             ckpt = load_checkpoint(path, args)
         except SystemExit as e:
             error = str(e)
-    if world_size == 1:
-        if error:
-            raise SystemExit(error)
-        return ckpt, path
     reports = all_gather_object({"step": ckpt["step"] if ckpt else None, "error": error, "path": path})
     steps = [r["step"] for r in reports if r["step"] is not None]
     if not steps:
@@ -772,171 +771,32 @@ def load_checkpoint(path, args):
     return ckpt
 
 
-def save_checkpoint(path, state):
-    """Write to a temporary file, flush it to disk, then rename: a crash never leaves a half-written ckpt."""
-    tmp = path + ".tmp"
-    with open(tmp, "wb") as f:
-        torch.save(state, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+def resume(ckpt, ckpt_path, raw_model, optimizer, scaler, device):
+    """A checkpoint's weights, optimizer, loss scale and this rank's random state into place -> (its step, this
+    rank's data position, the training seconds of earlier attempts); (0, None, 0.0) without a checkpoint."""
+    if not ckpt:
+        return 0, None, 0.0
+    raw_model.load_state_dict(ckpt["model"])
+    optimizer.load_state_dict(ckpt["optimizer"])
+    scaler.load_state_dict(ckpt["scaler"])
+    data_state = None
+    if len(ckpt["rng"]) == get_world_size():
+        set_rng_state(ckpt["rng"][get_rank()], device)
+        data_state = ckpt["data"][get_rank()]
+    else:
+        print0(f"note: the checkpoint was written by {len(ckpt['rng'])} ranks, not {get_world_size()}: random state "
+               f"and tar-stream positions start afresh, so the run continues but not bit for bit")
+    print0(f"resumed from {ckpt_path} at step {ckpt['step']}")
+    return ckpt["step"], data_state, ckpt.get("elapsed_s", 0.0)
 
 
-def peak_memory(device):
-    """Bytes: the peak of GPU memory allocated by tensors, or on a CPU the peak resident memory of the process."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device)
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
-def rng_state(device):
-    return {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
-
-
-def set_rng_state(state, device):
-    torch.set_rng_state(state["cpu"])
-    if device.type == "cuda" and state["cuda"] is not None:
-        torch.cuda.set_rng_state(state["cuda"], device)
-
-
-def all_gather_object(obj):
-    if get_world_size() == 1:
-        return [obj]
-    out = [None] * get_world_size()
-    dist.all_gather_object(out, obj)
-    return out
-
-
-CURVES = []  # (write(numbers, step), close()) of rank 0's TensorBoard / W&B writers while a run is open
-
-
-def open_curves(args, resumed):
-    """Rank 0: writers for --tensorboard and --wandb, imported only when asked. They get the numbers of every
-    log record; log.jsonl stays the run's record. A resumed run continues its W&B run (id in OUT_DIR/wandb_id)."""
-    if args.tensorboard:
-        from torch.utils.tensorboard import SummaryWriter
-
-        writer = SummaryWriter(args.tensorboard)
-
-        def to_tensorboard(numbers, step):
-            for tag, value in numbers.items():
-                writer.add_scalar(tag, value, step)
-            writer.flush()
-        CURVES.append((to_tensorboard, writer.close))
-    if args.wandb:
-        import wandb
-
-        id_file = os.path.join(args.out_dir, "wandb_id")
-        if not (resumed and os.path.exists(id_file)):
-            with open(id_file, "w") as f:
-                f.write(os.urandom(6).hex())
-        with open(id_file) as f:
-            run = wandb.init(project=args.wandb, id=f.read(), resume="allow", dir=args.out_dir, config=vars(args),
-                             name=os.path.basename(os.path.abspath(args.out_dir)))
-        CURVES.append((lambda numbers, step: run.log(numbers, step=step), run.finish))
-
-
-def close_curves():
-    while CURVES:
-        CURVES.pop()[1]()
-
-
-def log(record, args):
-    """Rank 0: print one line, append the record to OUT_DIR/log.jsonl and pass its numbers to the curve writers
-    (tags train/KEY, and eval/KEY for evaluation results). Keys ending in _s are durations in seconds."""
-    if get_rank() != 0:
-        return
-
-    def field(k, v):
-        if k.endswith("_s") and isinstance(v, (int, float)):
-            return f"{k} {v:.1f}" if v < 60 else f"{k} {int(v) // 3600}:{int(v) // 60 % 60:02d}:{int(v) % 60:02d}"
-        return f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
-    print(" | ".join(field(k, v) for k, v in record.items()), flush=True)
-    with open(os.path.join(args.out_dir, "log.jsonl"), "a") as f:
-        f.write(json.dumps(record) + "\n")
-    numbers = {f"{'eval' if k.startswith(('zeroshot_', 'retrieval_', 'eval_')) else 'train'}/{k}": v
-               for k, v in record.items() if k != "step" and isinstance(v, (int, float))}
-    for write, _ in CURVES:
-        write(numbers, record["step"])
-
-
-def open_eval_sets(args):
-    """The sets of --eval-dataset and --eval-retrieval, opened before training so that bad input stops the run at
-    once. -> (classification (images, class names, templates) or None, retrieval (images, captions) or None)"""
-    size, context_length = PRESETS[args.model]["image_size"], PRESETS[args.model]["context_length"]
-    classification = retrieval = None
-    if args.eval_dataset != "none":
-        images, _, classnames, templates = eval_zeroshot.classification_sets(
-            args.eval_dataset, args.eval_data_dir, size, args.seed, flag="--eval-dataset")
-        classification = eval_zeroshot.subset(images, args.eval_samples), classnames, templates
-    if args.eval_retrieval:
-        retrieval = eval_zeroshot.retrieval_set(args.eval_retrieval, size, context_length, args.csv_img_key,
-                                                args.csv_caption_key, args.csv_separator, flag="--eval-retrieval")
-    return classification, retrieval
-
-
-def eval_plan(eval_sets, args):
-    """The run's start line about evaluation: what and when, or that there is none."""
-    (classification, retrieval), what = eval_sets, []
-    if classification:
-        what.append(f"zero-shot on {args.eval_dataset} ({len(classification[0])} images, "
-                    f"{len(classification[1])} classes)")
-    if retrieval:
-        what.append(f"retrieval on {args.eval_retrieval} ({len(retrieval[0])} images, {len(retrieval[1])} captions)")
-    if not what:
-        return ("evaluation: none; this run reports no zero-shot accuracy (--eval-dataset imagenet --eval-data-dir "
-                "DIR, or cifar10, cifar100, folder, synthetic; --eval-retrieval PAIRS.csv)")
-    when = f"every {args.eval_every} steps and at the end" if args.eval_every else "at the end"
-    return f"evaluation: {' and '.join(what)}, {when}"
-
-
-def evaluate(raw_model, eval_sets, args, device, autocast, workers=0):
-    """Zero-shot top-1/top-5 on --eval-dataset and recall@k on --eval-retrieval, with eval_zeroshot's functions.
-    Every rank runs it on the raw model and encodes its share; the features are gathered in dataset order, so the
-    numbers are those of one process. -> {} or a record whose keys name the set: zeroshot_imagenet_top1,
-    zeroshot_imagenet_top1_mlp (another head), retrieval_i2t_r1, ..., eval_head (the head of the keys without a
-    head's name), eval_s (seconds)."""
-    classification, retrieval = eval_sets
-    if classification is None and retrieval is None:
-        return {}
-    t, heads = time.time(), raw_model.zeroshot_heads()
-    main_head = next(iter(heads))
-    common = dict(device=device, workers=workers, autocast=autocast, rank=get_rank(), world_size=get_world_size())
-    record = {}
-    raw_model.eval()
-    if classification:
-        results = eval_zeroshot.zeroshot_classify(heads, *classification, PRESETS[args.model]["context_length"],
-                                                  **common)
-        name = f"zeroshot_{args.eval_dataset}"
-        record[f"{name}_top1"], record[f"{name}_top5"] = results[main_head]["top1"], results[main_head]["top5"]
-        record.update({f"{name}_top1_{head}": m["top1"] for head, m in results.items() if head != main_head})
-    if retrieval:
-        results = eval_zeroshot.retrieve(heads, *retrieval, **common)
-        record.update({f"retrieval_{k}": v for k, v in results[main_head].items()})
-    raw_model.train()
-    record["eval_head"], record["eval_s"] = main_head, time.time() - t
-    return record
-
-
+# Build: precision, model and optimizer, the run's description.
 def mixed_precision(args, device):
-    """-> (precision, autocast context). Default: fp32 on CPU; on a GPU bf16 where its tensor cores run it
-    (compute capability 8.0 and newer), else fp16 with a dynamic loss scale (V100 and T4 emulate bf16, slowly,
-    though torch.cuda.is_bf16_supported() says yes)."""
+    """-> (precision, autocast context); default: fp32 on CPU, bf16 on GPUs that run it natively, else fp16."""
     precision = args.precision or eval_zeroshot.default_precision(device)
     if precision == "bf16" and device.type == "cuda" and torch.cuda.get_device_capability(device) < (8, 0):
         print0(f"note: {torch.cuda.get_device_name(device)} has no bf16 tensor cores: --precision fp16 is faster")
-    if precision == "fp32":
-        return precision, nullcontext()
-    return precision, torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
-
-
-def gpu_peak_tflops(device, precision):
-    """The GPU's dense peak for MFU in this precision (GPU_PEAK_TFLOPS); None on CPU or unknown GPUs."""
-    if device.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device)
-    peaks = next((peaks for pattern, *peaks in GPU_PEAK_TFLOPS if re.search(pattern, name)), None)
-    return None if peaks is None else peaks[1] if precision == "fp32" else peaks[0]
+    return precision, eval_zeroshot.autocast_context(precision, device)
 
 
 def build_training(args, device, precision):
@@ -952,6 +812,33 @@ def build_training(args, device, precision):
     # the gradients for inf/NaN and, with the fused AdamW, skips such a step on the device without a sync.
     scaler = torch.amp.GradScaler(device.type, init_scale=2.0**16 if precision == "fp16" else 1.0)
     return raw_model, optimizer, scaler
+
+
+def announce(args, raw_model, loader, total_steps, precision, device, workers, eval_sets):
+    """OUT_DIR/run.json, and the start lines: steps, epochs, samples, global batch; evaluations; kept snapshots."""
+    world_size, batch = get_world_size(), get_world_size() * args.batch_size * args.accum_steps
+    if get_rank() == 0:
+        with open(os.path.join(args.out_dir, "run.json"), "w") as f:
+            json.dump({"method": METHOD, "args": vars(args), "world_size": world_size, "precision": precision,
+                       "total_steps": total_steps, "steps_per_epoch": loader.steps_per_epoch,
+                       **eval_zeroshot.machine(device), "parameters": sum(p.numel() for p in raw_model.parameters())},
+                      f, indent=1)
+    accum = f" x {args.accum_steps} micro-batches (gradient caching)" if args.accum_steps > 1 else ""
+    print0(f"{METHOD}: {args.model} on {args.data}: {total_steps} steps = {total_steps / loader.steps_per_epoch:.4g} "
+           f"epochs of {loader.steps_per_epoch * batch} samples ({total_steps * batch} samples in all), global batch "
+           f"{batch} = {world_size} x {args.batch_size}{accum}; {precision} on {device.type}, {workers} loader "
+           f"workers per rank")
+    print0(eval_zeroshot.eval_plan(eval_sets, args))
+    if args.keep_every:
+        print0(f"keeping {args.out_dir}/ckpt_STEP.pt every {args.keep_every} steps besides the rolling ckpt.pt")
+
+
+# Step: the learning rate, the optimizer step, gradient caching.
+def lr_at(step, args, total_steps):
+    """Linear warm-up to --lr in --warmup steps, then cosine decay to 0."""
+    if step < args.warmup:
+        return args.lr * (step + 1) / args.warmup
+    return args.lr * 0.5 * (1 + math.cos(math.pi * (step - args.warmup) / max(1, total_steps - args.warmup)))
 
 
 def train_step(model, raw_model, optimizer, scaler, images, tokens, args, autocast, precision):
@@ -1019,176 +906,77 @@ def cached_gradient(raw_model, images, tokens, args, autocast, scaler):
     return loss, logs
 
 
-def train(args, device, rank, world_size, stop):
-    """Build, resume, loop (log, checkpoint, evaluate, stop on a signal), final evaluation -> its record."""
-    t_start, cuda = time.time(), device.type == "cuda"
-    precision, autocast = mixed_precision(args, device)
-    workers = args.workers
-    if workers is None:  # the CPUs of this node shared by its ranks, one left for the rank itself, at most 8
-        cpus_per_rank = (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-        workers = max(0, min(8, cpus_per_rank - 1))
-    ckpt, ckpt_path = agree_on_checkpoint(args, rank, world_size)
-    if rank == 0:
-        os.makedirs(args.out_dir, exist_ok=True)
-    eval_sets = open_eval_sets(args)
+# Log: the numbers of a log line (eval_zeroshot.log_line writes it).
+class Meter:
+    """The numbers of the log lines: sums over the steps since the last line, kept on the device (no host sync between
+    lines); their data time, FLOPs and wall time (evaluations and checkpoint writes left out); where the run is."""
 
-    # Model, optimizer. The same seed on every rank gives the same initial weights.
-    torch.manual_seed(args.seed)
-    raw_model, optimizer, scaler = build_training(args, device, precision)
-    torch.manual_seed(args.seed + rank)  # dropout and other model randomness differ per rank
+    def __init__(self, args, device, total_steps, steps_per_epoch, started, peak_tflops):
+        self.args, self.device, self.total_steps, self.steps_per_epoch = args, device, total_steps, steps_per_epoch
+        self.started, self.peak_tflops, self.eval_time = started, peak_tflops, 0.0  # started: counts earlier attempts
+        self.reset()
 
-    # Resume: weights, optimizer, loss scale, step, random state and data position.
-    start_step, data_state, elapsed_before = 0, None, 0.0
-    if ckpt:
-        elapsed_before = ckpt.get("elapsed_s", 0.0)  # the training time of the run's earlier attempts
-        raw_model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scaler.load_state_dict(ckpt["scaler"])
-        start_step = ckpt["step"]
-        if len(ckpt["rng"]) == world_size:
-            set_rng_state(ckpt["rng"][rank], device)
-            data_state = ckpt["data"][rank]
-        else:
-            print0(f"note: the checkpoint was written by {len(ckpt['rng'])} ranks, not {world_size}: random state and "
-                   f"tar-stream positions start afresh, so the run continues but not bit for bit")
-        print0(f"resumed from {ckpt_path} at step {start_step}")
-        del ckpt
+    def reset(self):
+        self.sums, self.steps, self.data_time, self.flops, self.t = {}, 0, 0.0, 0, time.time()
+        self.nonfinite = torch.zeros((), device=self.device)
 
-    image_views, text_views = train_views(args)
-    loader = data.build_loader(
-        args.data, args.batch_size * args.accum_steps, image_views, text_views, rank=rank, world_size=world_size,
-        workers=workers, seed=args.seed, context_length=PRESETS[args.model]["context_length"],
-        image_size=PRESETS[args.model]["image_size"], start_step=start_step, state=data_state, pin_memory=cuda,
-        csv_img_key=args.csv_img_key, csv_caption_key=args.csv_caption_key, csv_separator=args.csv_separator,
-        num_samples=args.train_num_samples)
-    total_steps = args.steps or (math.ceil(args.epochs * loader.steps_per_epoch) if args.epochs else DEFAULT_STEPS)
-
-    if args.accum_steps > 1:  # gradient caching calls the towers and the heads itself, and all-reduces by hand
-        model = raw_model
-        if args.compile:
-            raw_model.towers, raw_model.heads = torch.compile(raw_model.towers), torch.compile(raw_model.heads)
-    else:
-        model = DDP(raw_model, device_ids=[device.index] if cuda else None) if world_size > 1 else raw_model
-        if args.compile:
-            model = torch.compile(model)
-    peak_tflops = args.peak_tflops or gpu_peak_tflops(device, precision)
-    if rank == 0:
-        run_info = {"method": METHOD, "args": vars(args), "world_size": world_size, "precision": precision,
-                    "total_steps": total_steps, "steps_per_epoch": loader.steps_per_epoch, "torch": torch.__version__,
-                    "python": platform.python_version(),
-                    "device": torch.cuda.get_device_name(device) if cuda else platform.processor() or "cpu",
-                    "parameters": sum(p.numel() for p in raw_model.parameters())}
-        with open(os.path.join(args.out_dir, "run.json"), "w") as f:
-            json.dump(run_info, f, indent=1)
-        open_curves(args, resumed=ckpt_path is not None)
-    batch = world_size * args.batch_size * args.accum_steps
-    accum = f" x {args.accum_steps} micro-batches (gradient caching)" if args.accum_steps > 1 else ""
-    print0(f"{METHOD}: {args.model} on {args.data}: {total_steps} steps = {total_steps / loader.steps_per_epoch:.4g} "
-           f"epochs of {loader.steps_per_epoch * batch} samples ({total_steps * batch} samples in all), global batch "
-           f"{batch} = {world_size} x {args.batch_size}{accum}; {precision} on {device.type}, {workers} loader "
-           f"workers per rank")
-    print0(eval_plan(eval_sets, args))
-    if args.keep_every:
-        print0(f"keeping {args.out_dir}/ckpt_STEP.pt every {args.keep_every} steps besides the rolling ckpt.pt")
-
-    def lr_at(step):  # linear warm-up, then cosine decay to 0
-        if step < args.warmup:
-            return args.lr * (step + 1) / args.warmup
-        return args.lr * 0.5 * (1 + math.cos(math.pi * (step - args.warmup) / max(1, total_steps - args.warmup)))
-
-    def checkpoint_state(step):
-        return {"method": METHOD, "args": vars(args), "step": step, "model": raw_model.state_dict(),
-                "elapsed_s": elapsed_before + time.time() - t_start,
-                "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
-                "rng": all_gather_object(rng_state(device)), "data": all_gather_object(loader.state_dict())}
-
-    batches = iter(loader)
-    sums, n_sum, bad_in_a_row = {}, 0, torch.zeros((), device=device)
-    bad_total, data_time, t_log, flops = torch.zeros((), device=device), 0.0, time.time(), 0
-    eval_time = 0.0  # seconds of the last evaluation, for the time left
-    for step in range(start_step, total_steps):
-        t_data = time.time()
-        images, tokens, params = next(batches)  # params [B, V, P]: each view's on-device augmentation, on the CPU
-        images, tokens = images.to(device, non_blocking=True), tokens.to(device, non_blocking=True)
-        images = augment.on_device(images, params)  # fp32 [B, V, 3, H, W], augmented and normalised
-        data_time += time.time() - t_data
-        # at the captions' cut length; gradient caching runs the towers twice
-        flops += raw_model.flops_per_sample(tokens.shape[-1], recompute=args.accum_steps > 1) * len(tokens)
-        for group in optimizer.param_groups:
-            group["lr"] = lr_at(step)
-
-        loss, logs, applied = train_step(model, raw_model, optimizer, scaler, images, tokens, args, autocast, precision)
-        bad_in_a_row = (bad_in_a_row + 1) * ~applied
-        bad_total += ~applied
+    def add(self, loss, logs, applied, data_time, flops):
+        self.nonfinite += ~applied
         for k, v in {"loss": loss.detach(), **logs}.items():
-            sums[k] = sums.get(k, 0.0) + torch.where(applied, v.float(), 0.0)
-        n_sum += 1
+            self.sums[k] = self.sums.get(k, 0.0) + torch.where(applied, v.float(), 0.0)
+        self.steps, self.data_time, self.flops = self.steps + 1, self.data_time + data_time, self.flops + flops
 
-        done = step + 1
-        if done % args.log_every == 0 or done == total_steps:
-            keys = list(sums)
-            skipped = torch.tensor(float(loader.skipped), device=device)
-            totals = torch.stack([sums[k] for k in keys] + [bad_total, skipped])  # summed over ranks below
-            if world_size > 1:
-                dist.all_reduce(totals)
-            totals, elapsed = totals.tolist(), time.time() - t_log
-            good = max(1, n_sum * world_size - int(totals[-2]))  # finite steps of all ranks
-            samples_per_s = n_sum * args.batch_size * args.accum_steps / elapsed
-            record = {"step": done, **{k: totals[i] / good for i, k in enumerate(keys)}, "lr": lr_at(step)}
-            record["samples_per_s_per_gpu"] = samples_per_s
-            record["data_time"] = data_time / n_sum
-            record["mfu"] = flops / elapsed / (peak_tflops * 1e12) if peak_tflops else None
-            record["peak_mem_gb"] = peak_memory(device) / 2**30
-            record["skipped_samples"], record["nonfinite_steps"] = int(totals[-1]), int(totals[-2])
-            # Where the run is: time left = steps left at this interval's rate (evaluations excluded) + the
-            # evaluations left (every --eval-every steps and one at the end) at the last one's duration.
-            evals_left = 1 + (max(0, (total_steps - 1) // args.eval_every - done // args.eval_every)
-                              if args.eval_every else 0)
-            record["epoch"] = done / loader.steps_per_epoch
-            record["elapsed_s"] = elapsed_before + time.time() - t_start
-            record["time_left_s"] = (total_steps - done) * elapsed / n_sum + evals_left * eval_time
-            log(record, args)
-            sums, n_sum, bad_total, data_time, flops = {}, 0, torch.zeros((), device=device), 0.0, 0
-            t_log = time.time()
-        stopping = False
-        if done % STOP_CHECK_EVERY == 0 or done % args.log_every == 0 or done == total_steps:
-            # Decisions every rank takes together: the max over ranks of (a signal arrived, bad steps in a row).
-            flags = torch.stack([torch.tensor(float("signal" in stop), device=device), bad_in_a_row.float()])
-            if world_size > 1:
-                dist.all_reduce(flags, op=dist.ReduceOp.MAX)
-            signalled, bad = flags.tolist()
-            if bad >= args.max_bad_steps:
-                state = checkpoint_state(done)
-                if rank == 0:
-                    save_checkpoint(os.path.join(args.out_dir, "ckpt.pt"), state)
-                raise SystemExit(f"{args.max_bad_steps} steps in a row had a non-finite loss or gradient; stopped at "
-                                 f"step {done} with the last good weights saved in {args.out_dir}/ckpt.pt "
-                                 f"(lower --lr or use --grad-clip)")
-            stopping = signalled > 0
-        keep = args.keep_every and done % args.keep_every == 0  # a snapshot kept besides the rolling ckpt.pt
-        if (args.save_every and done % args.save_every == 0) or done == total_steps or stopping or keep:
-            t_save = time.time()
-            state = checkpoint_state(done)
-            if rank == 0:
-                save_checkpoint(os.path.join(args.out_dir, "ckpt.pt"), state)
-                if keep:
-                    save_checkpoint(os.path.join(args.out_dir, f"ckpt_{done}.pt"), state)
-            t_log += time.time() - t_save  # the log interval's samples/s leaves checkpoint writes out
-        if stopping and done < total_steps:
-            log({"step": done, "stopped_by": stop.get("signal", "another rank's signal")}, args)
-            print0(f"stopped by a signal at step {done} of {total_steps}; {args.out_dir}/ckpt.pt holds it: "
-                   f"run the same command with --resume auto to continue")
-            return {"step": done, "stopped": True}
-        if args.eval_every and done % args.eval_every == 0 and done != total_steps:
-            record = {"step": done, **evaluate(raw_model, eval_sets, args, device, autocast, workers)}
-            eval_time = record["eval_s"]
-            t_log += eval_time  # the throughput of the log interval leaves the evaluation out
-            log(record, args)
+    def log(self, done, lr, skipped):
+        """The log line of the steps up to `done`, each number averaged over the finite steps of all ranks."""
+        args, keys, skipped = self.args, list(self.sums), torch.tensor(float(skipped), device=self.device)
+        totals = torch.stack([self.sums[k] for k in keys] + [self.nonfinite, skipped])
+        if get_world_size() > 1:
+            dist.all_reduce(totals)  # summed over ranks
+        totals, seconds = totals.tolist(), time.time() - self.t
+        good = max(1, self.steps * get_world_size() - int(totals[-2]))  # finite steps of all ranks
+        record = {"step": done, **{k: totals[i] / good for i, k in enumerate(keys)}, "lr": lr,
+                  "samples_per_s_per_gpu": self.steps * args.batch_size * args.accum_steps / seconds,
+                  "data_time": self.data_time / self.steps,
+                  "mfu": self.flops / seconds / (self.peak_tflops * 1e12) if self.peak_tflops else None,
+                  "peak_mem_gb": eval_zeroshot.peak_memory(self.device) / 2**30,
+                  "skipped_samples": int(totals[-1]), "nonfinite_steps": int(totals[-2])}
+        # Where the run is: time left = steps left at this interval's rate (evaluations excluded) + the
+        # evaluations left (every --eval-every steps and one at the end) at the last one's duration.
+        every = args.eval_every
+        evals_left = 1 + (max(0, (self.total_steps - 1) // every - done // every) if every else 0)
+        record.update(epoch=done / self.steps_per_epoch, elapsed_s=time.time() - self.started,
+                      time_left_s=(self.total_steps - done) * seconds / self.steps + evals_left * self.eval_time)
+        eval_zeroshot.log_line(record, args.out_dir)
+        self.reset()
 
-    result = {"step": total_steps, **evaluate(raw_model, eval_sets, args, device, autocast, workers)}
-    if len(result) > 1:  # the run's last log line is its final evaluation (unless there is nothing to evaluate)
-        log(result, args)
-    return result
+
+# Checkpoint: written whole or not at all, with every rank's random state.
+def save_checkpoint(path, state):
+    """Write to a temporary file, flush it to disk, then rename: a crash never leaves a half-written ckpt."""
+    tmp = path + ".tmp"
+    with open(tmp, "wb") as f:
+        torch.save(state, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def rng_state(device):
+    return {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
+
+
+def set_rng_state(state, device):
+    torch.set_rng_state(state["cpu"])
+    if device.type == "cuda" and state["cuda"] is not None:
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+def all_gather_object(obj):
+    if get_world_size() == 1:
+        return [obj]
+    out = [None] * get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
 # --- end shared: plumbing ---
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 import clip
+import ssl_losses
 from distributed import run_distributed
 from test_ssl_losses import naive_sinkhorn, naive_swalip
 
@@ -163,8 +164,8 @@ def official_barlip(out, lamb=5e-3):
 def test_siamlip_byolip_and_barlip_terms_are_the_official_ones(A):
     out = ssl_outputs(A)
     for name in ("simsiam", "byol"):
-        torch.testing.assert_close(clip.ssl_loss(out, name), official_siamlip(out))
-    torch.testing.assert_close(clip.ssl_loss(out, "barlow"), official_barlip(out))
+        torch.testing.assert_close(ssl_losses.ssl_loss(out, name), official_siamlip(out))
+    torch.testing.assert_close(ssl_losses.ssl_loss(out, "barlow"), official_barlip(out))
     assert clip.parse_args(["--ssl", "barlow"]).ssl_weight == 0.025
 
 
@@ -182,10 +183,10 @@ def test_swav_term_is_swalipv1_on_the_weak_pair():
     torch.manual_seed(0)
     model = clip.build_model(clip.parse_args(["--recipe", "improved", "--ssl", "swav"]))
     images, tokens = strong_batch()
-    loss = clip.ssl_loss(model(images, tokens), "swav")
-    C = F.normalize(model.swav_prototypes.weight, dim=-1).double()  # [K, d]
-    p_image = F.normalize(model.ssl_image(model.visual(images[:, 0])), dim=-1).double() @ C.t()  # [B, K]
-    p_text = F.normalize(model.ssl_text(model.text(tokens[:, 0])), dim=-1).double() @ C.t()  # [B, K]
+    loss = ssl_losses.ssl_loss(model(images, tokens), "swav")
+    C = F.normalize(model.ssl_head.prototypes.weight, dim=-1).double()  # [K, d]
+    p_image = F.normalize(model.ssl_head.project_image(model.visual(images[:, 0])), dim=-1).double() @ C.t()  # [B, K]
+    p_text = F.normalize(model.ssl_head.project_text(model.text(tokens[:, 0])), dim=-1).double() @ C.t()  # [B, K]
     ce = lambda logits, assign: -(assign * torch.log_softmax(logits, dim=1)).sum(1).mean()
     expected = (ce(p_image / 0.1, naive_sinkhorn(p_text.detach(), 0.05, 3))
                 + ce(p_text / 0.1, naive_sinkhorn(p_image.detach(), 0.05, 3))) / 2
@@ -197,7 +198,7 @@ def test_swalip_term_uses_the_strong_views_and_their_temperature():
     model = clip.build_model(clip.parse_args(["--recipe", "improved", "--ssl", "swalip"]))
     out = model(*strong_batch())
     expected = naive_swalip(out["strong_image"], out["strong_text"], out["strong_logit_scale"].double(), 0.05, 3)
-    torch.testing.assert_close(clip.ssl_loss(out, "swalip").double(), expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(ssl_losses.ssl_loss(out, "swalip").double(), expected, atol=1e-5, rtol=1e-5)
     with pytest.raises(SystemExit):  # SwALIP swaps between two strong views
         clip.parse_args(["--ssl", "swalip"])
 
@@ -226,7 +227,7 @@ def swav_steps(model, optimizer, scaler, args, batches, ddp=None):
     prototypes = []
     for images, tokens in batches:
         clip.train_step(ddp or model, model, optimizer, scaler, images, tokens, args, nullcontext(), "fp32")
-        prototypes.append(model.swav_prototypes.weight.detach().clone())
+        prototypes.append(model.ssl_head.prototypes.weight.detach().clone())
     return prototypes
 
 
@@ -234,10 +235,10 @@ def swav_steps(model, optimizer, scaler, args, batches, ddp=None):
 def swav_straight():
     """3 steps with freeze 2, one process, batch 8: the run the three tests below reproduce another way."""
     args, model, optimizer, scaler = swav_training()
-    initial = model.swav_prototypes.weight.detach().clone()
+    initial = model.ssl_head.prototypes.weight.detach().clone()
     prototypes = swav_steps(model, optimizer, scaler, args, SWAV_BATCHES)
     return {"initial": initial, "prototypes": prototypes, "model": model.state_dict(),
-            "adam_steps": optimizer.state[model.swav_prototypes.weight]["step"].item()}
+            "adam_steps": optimizer.state[model.ssl_head.prototypes.weight]["step"].item()}
 
 
 def assert_same_state(a, b, **tolerance):
@@ -257,7 +258,7 @@ def test_swav_prototypes_freeze_as_in_the_official_loop(swav_straight):
         loss, _ = clip.compute_loss(ref(images, tokens), args)
         loss.backward()
         if it < 2:
-            ref.swav_prototypes.weight.grad = None
+            ref.ssl_head.prototypes.weight.grad = None
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         ref.after_step(torch.tensor(True))
@@ -275,7 +276,7 @@ def test_swav_freeze_is_exact_across_a_resume(swav_straight):
     resumed.load_state_dict(ckpt["model"])
     optimizer.load_state_dict(ckpt["optimizer"])
     swav_steps(resumed, optimizer, scaler, args, SWAV_BATCHES[2:])
-    assert resumed.swav_prototypes.steps_done == 3
+    assert resumed.ssl_head.prototypes.steps_done == 3
     assert_same_state(swav_straight["model"], resumed.state_dict(), atol=0, rtol=0)
 
 
