@@ -25,7 +25,6 @@ import argparse
 import json
 import math
 import os
-import signal
 import time
 
 import torch
@@ -328,17 +327,7 @@ def compute_loss(out, args):
 # --- shared: plumbing ---
 def common_args(parser):
     """The flags every method file has, with the same defaults."""
-    g = parser.add_argument_group("data")
-    g.add_argument("--data", default="synthetic",
-                   help="'synthetic' (drawn shapes, the default), a .csv/.tsv of image paths and captions, or tar "
-                        "shards in img2dataset layout such as '/data/cc3m/{00000..00331}.tar'")
-    g.add_argument("--csv-img-key", default="filepath", help="CSV column holding image paths (relative to the file)")
-    g.add_argument("--csv-caption-key", default="caption", help="CSV column holding captions")
-    g.add_argument("--csv-separator", help="CSV separator (default: tab for .tsv, comma otherwise)")
-    g.add_argument("--train-num-samples", type=int, help="tar shards: samples per epoch (default: counted at start)")
-    g.add_argument("--workers", type=int,
-                   help="data loader processes per rank (default: CPUs per rank - 1, at most 8). Raise it if the "
-                        "logged data_time is more than a few percent of the step time")
+    data.add_args(parser)
     g = parser.add_argument_group("model")
     g.add_argument("--model", default="tiny", choices=list(PRESETS),
                    help="'tiny' trains on a laptop CPU in minutes; the ViT presets: 224 px, CLIP's text tower")
@@ -352,16 +341,15 @@ def common_args(parser):
                         "for one more tower forward and one micro-batch's tower memory; try --grad-checkpointing first")
     g.add_argument("--steps", type=int, help="optimizer steps (default: --epochs x steps per epoch, else 600)")
     g.add_argument("--epochs", type=float, help="passes over the data (sets --steps when that is unset)")
-    g.add_argument("--lr", type=float, default=3e-3,
-                   help="peak learning rate. SLIP and Fini et al. use 3e-3 at batch 4096 (ViT-B/16); CLIP used 5e-4 at "
-                        "batch 32k. Lower it if the loss spikes or turns non-finite")
-    g.add_argument("--wd", type=float, default=0.1,
-                   help="AdamW weight decay on matrices and embeddings (not on gains, biases, temperatures). "
-                        "0.1-0.2 is usual; small data sets like CC3M prefer 0.5")
+    g.add_argument("--lr", type=float, help="peak learning rate (default, printed at start: tiny 3e-3; ViT 5e-4, "
+                   "L/14 4e-4, x sqrt(global batch / 4096) below 4096, as CLIP/SLIP). Fini et al.'s improved recipe: "
+                   "3e-3 at 4096. Lower it if the loss spikes or turns non-finite")
+    g.add_argument("--wd", type=float, help="AdamW weight decay on matrices and embeddings (default: tiny 0.1, ViT "
+                   "presets 0.2 as CLIP); small data sets like CC3M prefer 0.5 (SLIP, Fini et al.)")
     g.add_argument("--betas", type=float, nargs=2, default=(0.9, 0.98),
                    help="AdamW betas; CLIP's beta2 0.98 is steadier than 0.999 at large batch")
-    g.add_argument("--warmup", type=int, default=100,
-                   help="linear warm-up steps before the cosine decay; about 1 epoch, or 2k-10k steps at scale")
+    g.add_argument("--warmup", type=int, help="linear warm-up steps before the cosine decay (default: tiny 100, ViT "
+                   "presets 2000 as CLIP)")
     g.add_argument("--grad-clip", type=float, default=0.0, help="clip the global gradient norm to this (0: off)")
     g.add_argument("--max-bad-steps", type=int, default=20,
                    help="steps with a non-finite loss or gradient are skipped; this many in a row stop the run")
@@ -392,15 +380,13 @@ def check_common_args(args, parser):
                       ("train_num_samples", 1), ("keep_every", 0)):
         if getattr(args, flag) is not None and getattr(args, flag) < low:
             parser.error(f"--{flag.replace('_', '-')} must be at least {low}, got {getattr(args, flag)}")
+    optimiser_defaults(args)
     for flag in ("lr", "epochs", "peak_tflops"):
         if getattr(args, flag) is not None and not getattr(args, flag) > 0:
             parser.error(f"--{flag.replace('_', '-')} must be positive, got {getattr(args, flag)}")
     if args.wd < 0 or args.grad_clip < 0:
         parser.error("--wd and --grad-clip must be >= 0")
-    if data.source_kind(args.data) == "csv" and not os.path.isfile(args.data):
-        parser.error(f"--data {args.data}: no such file")
-    if data.source_kind(args.data) == "tar" and not any(os.path.exists(u) for u in data.expand_braces(args.data)):
-        parser.error(f"--data {args.data}: no shard of this pattern exists")
+    data.check_args(args, parser)
     # Under torchrun a rank may lack a file that another has (no shared file system): train() decides together.
     single = os.environ.get("WORLD_SIZE", "1") == "1"
     if args.resume not in (None, "auto") and not os.path.isfile(args.resume) and single:
@@ -410,12 +396,35 @@ def check_common_args(args, parser):
     return args
 
 
+# --lr, --wd, --warmup by --model: (lr at the reference global batch, that batch, wd, warm-up steps). tiny: measured
+# on the synthetic data (README, Results). ViT presets: CLIP (Radford et al. 2021, Table 20: 5e-4 for ViT-B, 4e-4 for
+# ViT-L/14 at batch 32,768; wd 0.2; 2000 warm-up steps) and SLIP's CLIP baseline (5e-4 at 4096); below 4096 the rate
+# shrinks with the square root of the global batch (Adam's square-root rule, Malladi et al. 2022, arXiv:2205.10287).
+OPTIMISER_DEFAULTS = {"tiny": (3e-3, None, 0.1, 100), "ViT-L/14": (4e-4, 4096, 0.2, 2000)}  # others: ViT_DEFAULTS
+ViT_DEFAULTS = (5e-4, 4096, 0.2, 2000)
+
+
+def optimiser_defaults(args):
+    """--lr, --wd and --warmup not given <- OPTIMISER_DEFAULTS; args.lr_rule says where the rate came from."""
+    lr, reference, wd, warmup = OPTIMISER_DEFAULTS.get(args.model, ViT_DEFAULTS)
+    batch = int(os.environ.get("WORLD_SIZE", "1")) * args.batch_size * args.accum_steps  # the global batch
+    scaled = reference is not None and batch < reference and args.lr is None
+    args.lr_rule = "given" if args.lr is not None else f"{lr:g} x sqrt({batch} / {reference})" if scaled else f"{lr:g}"
+    args.lr = args.lr if args.lr is not None else lr * (batch / reference) ** 0.5 if scaled else lr
+    args.wd, args.warmup = (wd if args.wd is None else args.wd), (warmup if args.warmup is None else args.warmup)
+
+
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     common_args(parser)
     method_args(parser)
-    return resolve_method_args(check_common_args(parser.parse_args(argv), parser), parser)
+    args = resolve_method_args(check_common_args(parser.parse_args(argv), parser), parser)
+    if args.compile and args.accum_steps > 1 and getattr(args, "text_dropout", 0) > 0:  # the improved recipe's
+        parser.error("--compile with --accum-steps and text dropout: inductor's no-gradient pass and its replay are "
+                     "two graphs whose dropout masks need not match, so the cached gradient would be wrong; use "
+                     "--text-dropout 0 or leave out --compile")
+    return args
 
 
 PRESETS = {  # image tower (ViT) and text tower (causal Transformer) sizes, and the joint embedding width
@@ -592,28 +601,13 @@ def main(args):
         store = dist.PrefixStore(f"attempt{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo", store=store, rank=rank,
                                 world_size=world_size, device_id=device if device.type == "cuda" else None)
-    # SIGTERM (a scheduler's kill), SIGUSR1 (SLURM's warning) and SIGINT (Ctrl-C) raise a flag: within STOP_CHECK_EVERY
-    # steps the ranks agree to stop, save a checkpoint and exit 0 (loader workers ignore them). Under torchrun a signal
-    # to the group arrives twice (directly and from the agent): a repeat within 2 s is the same request, a later one
-    # ends the process at once.
-    stop = {}
-
-    def handler(signum, frame):
-        if "signal" in stop and time.time() - stop["at"] > 2.0:
-            signal.signal(signum, signal.SIG_DFL)
-            os.kill(os.getpid(), signum)
-        stop.setdefault("signal", signal.Signals(signum).name)
-        stop.setdefault("at", time.time())
-
-    previous = {s: signal.signal(s, handler) for s in data.STOP_SIGNALS}
-    try:
-        return train(args, device, rank, world_size, stop)
-    finally:
-        for s, h in previous.items():
-            signal.signal(s, h)
-        eval_zeroshot.close_curves()
-        if dist.is_initialized():
-            dist.destroy_process_group()
+    with data.stop_requests() as stop:  # SIGTERM, SIGUSR1, SIGINT: the ranks agree to stop, save and exit 0
+        try:
+            return train(args, device, rank, world_size, stop)
+        finally:
+            eval_zeroshot.close_curves()
+            if dist.is_initialized():
+                dist.destroy_process_group()
 
 
 def train(args, device, rank, world_size, stop):
@@ -825,6 +819,7 @@ def announce(args, raw_model, loader, total_steps, precision, device, workers, e
            f"epochs of {loader.steps_per_epoch * batch} samples ({total_steps * batch} samples in all), global batch "
            f"{batch} = {world_size} x {args.batch_size}{accum}; {precision} on {device.type}, {workers} loader "
            f"workers per rank")
+    print0(f"optimiser: AdamW, lr {args.lr:.3g} ({args.lr_rule}), wd {args.wd:g}, {args.warmup} warm-up steps, cosine")
     print0(eval_zeroshot.eval_plan(eval_sets, args))
     if args.keep_every:
         print0(f"keeping {args.out_dir}/ckpt_STEP.pt every {args.keep_every} steps besides the rolling ckpt.pt")

@@ -19,6 +19,7 @@ missing shard) are skipped and counted; a source where most samples fail stops w
 
 import array
 import atexit
+import contextlib
 import collections.abc
 import concurrent.futures
 import csv
@@ -667,6 +668,31 @@ class Loader:
                 "workers": self.dataloader.num_workers}
 
 
+def add_args(parser):
+    """The data flags of clip.py, nclip.py and xclip.py."""
+    g = parser.add_argument_group("data")
+    g.add_argument("--data", default="synthetic",
+                   help="'synthetic' (drawn shapes, the default), a .csv/.tsv of image paths and captions, or tar "
+                        "shards in img2dataset layout such as '/data/cc3m/{00000..00331}.tar'")
+    g.add_argument("--csv-img-key", default="filepath", help="CSV column holding image paths (relative to the file)")
+    g.add_argument("--csv-caption-key", default="caption", help="CSV column holding captions")
+    g.add_argument("--csv-separator", help="CSV separator (default: tab for .tsv, comma otherwise)")
+    g.add_argument("--train-num-samples", type=int,
+                   help="tar shards: samples per epoch (default: img2dataset's *_stats.json or a sizes.json beside "
+                        "the shards, else each rank counts its share of the tar headers at start)")
+    g.add_argument("--workers", type=int,
+                   help="data loader processes per rank (default: CPUs per rank - 1, at most 8). Raise it if the "
+                        "logged data_time is more than a few percent of the step time")
+
+
+def check_args(args, parser):
+    """Refuse a --data that cannot be read, naming the flag, before any work."""
+    if source_kind(args.data) == "csv" and not os.path.isfile(args.data):
+        parser.error(f"--data {args.data}: no such file")
+    if source_kind(args.data) == "tar" and not any(os.path.exists(u) for u in expand_braces(args.data)):
+        parser.error(f"--data {args.data}: no shard of this pattern exists")
+
+
 def source_kind(spec):
     if spec == "synthetic":
         return "synthetic"
@@ -724,6 +750,29 @@ def ignore_stop_signals(worker_id=None):
     whose main process is killed still exit: PyTorch's workers watch their parent."""
     for s in STOP_SIGNALS:
         signal.signal(s, signal.SIG_IGN)
+
+
+@contextlib.contextmanager
+def stop_requests():
+    """In the training process: SIGTERM (a scheduler's kill), SIGUSR1 (SLURM's warning) and SIGINT (Ctrl-C) only set
+    the flag this yields ({"signal": name, "at": time}); within a few steps the ranks agree to stop, save a checkpoint
+    and exit 0 (loader workers ignore them: ignore_stop_signals). Under torchrun a signal to the group arrives twice
+    (directly and from the agent): a repeat within 2 s is the same request, a later one ends the process at once."""
+    stop = {}
+
+    def handler(signum, frame):
+        if "signal" in stop and time.time() - stop["at"] > 2.0:
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+        stop.setdefault("signal", signal.Signals(signum).name)
+        stop.setdefault("at", time.time())
+
+    previous = {s: signal.signal(s, handler) for s in STOP_SIGNALS}
+    try:
+        yield stop
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
 
 
 LIVE_LOADERS = weakref.WeakSet()

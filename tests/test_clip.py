@@ -355,3 +355,24 @@ def test_a_short_default_run_learns(trained_clip):
     log = read_log(trained_clip)
     assert log[-1]["zeroshot_synthetic_top1"] > 5 / 64, log[-1]
     assert log[-2]["loss"] < log[0]["loss"]
+
+
+def test_optimiser_defaults_follow_the_model_and_the_global_batch(monkeypatch, capsys):
+    """tiny keeps its measured 3e-3 / 0.1 / 100; the ViT presets take CLIP's 5e-4 (4e-4 for L/14), wd 0.2, 2000
+    warm-up steps, the rate times sqrt(global batch / 4096) below 4096 (torchrun's WORLD_SIZE counts); a flag
+    given wins. --compile with gradient caching and text dropout is refused in one line."""
+    def defaults(*argv):
+        args = clip.parse_args(list(argv))
+        return args.lr, args.wd, args.warmup
+    assert defaults() == (3e-3, 0.1, 100) and defaults("--batch-size", "8") == (3e-3, 0.1, 100)
+    assert defaults("--model", "ViT-B/16", "--batch-size", "256") == (pytest.approx(5e-4 / 4), 0.2, 2000)
+    assert defaults("--model", "ViT-L/14", "--batch-size", "512", "--accum-steps", "16") == (4e-4, 0.2, 2000)
+    monkeypatch.setenv("WORLD_SIZE", "8")
+    assert defaults("--model", "ViT-B/32", "--batch-size", "256")[0] == pytest.approx(5e-4 * 0.5 ** 0.5)
+    assert defaults("--model", "ViT-B/32", "--lr", "1e-3", "--wd", "0.5", "--warmup", "7") == (1e-3, 0.5, 7)
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    for argv in (["--recipe", "improved", "--compile", "--accum-steps", "2"],):
+        with pytest.raises(SystemExit):
+            clip.parse_args(argv)
+        assert "--compile with --accum-steps and text dropout" in capsys.readouterr().err
+    clip.parse_args(["--recipe", "improved", "--compile", "--accum-steps", "2", "--text-dropout", "0"])  # allowed
