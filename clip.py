@@ -15,7 +15,7 @@ Launch:
   python clip.py                                                  # CPU: tiny model, synthetic data, ~3 min
   python clip.py --model ViT-B/16 --data /data/cc3m/{00000..00331}.tar --epochs 32 --batch-size 256   # 1 GPU
   torchrun --standalone --nproc_per_node=8 clip.py --model ViT-B/16 --data /data/cc3m/{00000..00331}.tar \
-      --epochs 32 --batch-size 256 --lr 5e-4 --wd 0.5 --warmup 2000 --resume auto   # 8 GPUs, global batch 2048
+      --epochs 32 --batch-size 256 --wd 0.5 --resume auto   # 8 GPUs, global batch 2048 (CC3M: wd 0.5)
   torchrun --nnodes=2 --nproc_per_node=8 --rdzv-backend=c10d --rdzv-endpoint=$HEAD_NODE:29500 clip.py ...  # 2 nodes
 
 Reference results: README.md "Results" (`python clip.py`, 3 seeds, zero-shot and linear probe, on a 2-core CPU).
