@@ -10,7 +10,7 @@ from contextlib import nullcontext
 import pytest
 import torch
 
-from cases import CASES, IDS, make_batch, train_steps
+from cases import CASES, IDS, make_batch, one_layer_towers, train_steps
 from distributed import run_distributed
 
 NO_DROPOUT = ["--text-dropout", "0"]  # K x b and 2b draw different dropout masks; test_dropout_is_replayed checks it
@@ -45,12 +45,15 @@ def assert_same_gradients(a, b, case):
 
 @pytest.mark.parametrize("name,flags", CASES, ids=IDS)
 def test_two_micro_batches_equal_one_batch_of_twice_the_size(name, flags):
+    """One block per tower: what gradient caching must get right (the replay, the heads and losses on the whole
+    batch, the gradients handed back) does not depend on the towers' depth."""
     flags = no_dropout(flags)
-    assert_same_gradients(first_step_gradients(name, flags, 2), first_step_gradients(name, flags, 1), name)
-    # 3 steps: the same losses; the weights agree to Adam's float noise (it divides by sqrt(v): on parameters
-    # whose gradient is ~0, float rounding becomes an update of up to ~lr), far below a step's change
-    (cached, cached_weights), (plain, plain_weights) = (train_steps(name, flags + ["--accum-steps", str(K)],
-                                                                    batch_size=8) for K in (2, 1))
+    with one_layer_towers(importlib.import_module(name)):
+        assert_same_gradients(first_step_gradients(name, flags, 2), first_step_gradients(name, flags, 1), name)
+        # 3 steps: the same losses; the weights agree to Adam's float noise (it divides by sqrt(v): on parameters
+        # whose gradient is ~0, float rounding becomes an update of up to ~lr), far below a step's change
+        (cached, cached_weights), (plain, plain_weights) = (train_steps(name, flags + ["--accum-steps", str(K)],
+                                                                        batch_size=8) for K in (2, 1))
     assert cached == pytest.approx(plain, rel=1e-5)
     for k, v in plain_weights.items():
         assert torch.allclose(cached_weights[k], v, atol=1e-3), k
