@@ -9,6 +9,7 @@ data loading is counted, and prints samples/s per process, MFU and peak memory f
   python bench.py --loader                                   # + the real loader; decode+augment images/s
   python bench.py --model tiny --batch-size 128 --accum-steps 2     # gradient caching: 2 x 128 pairs a step
   python bench.py --csv-memory 2000000                        # only: loader workers' memory on a 2M-row CSV
+  python bench.py --eval-memory                               # only: RAM of an ImageNet-shaped zero-shot evaluation
 
 The steps go through TOKEN_BATCHES token batches in turn, whose captions have realistic lengths by default
 (--captions cc3m, see CAPTION_MEAN below): our text tower runs up to each batch's last end-of-text token, as
@@ -27,6 +28,11 @@ the training loader with 4 workers and prints each worker's memory (RSS, PSS and
 /proc/PID/smaps_rollup) once the loader has given a few batches, then again after 4 workers have read every row's
 path and caption once in a random order, as they do over an epoch. A worker that writes the refcount of a Python
 object copies the memory page holding it: USS is what each worker adds.
+--eval-memory measures only this: the peak resident memory (ru_maxrss) of the zero-shot evaluation that a training
+run makes at every --eval-every (eval_zeroshot.evaluate_during_training, one process, CPU), on an ImageNet-shaped
+set written to a temporary folder: 1000 WordNet-id folders holding 1 or 2 tiny PNGs (1500 images), ImageNet's 80
+templates (--eval-templates M: the first M), nclip.py's tiny towers with its base-size head, K = 32768 prototypes
+(the zero-shot embeddings are K-dimensional). It prints the peak and its growth over the peak once the model is built.
 """
 
 import argparse
@@ -83,6 +89,9 @@ def parse_args(argv=None):
     p.add_argument("--extra", default="", help="more flags for the method file, e.g. '--recipe improved'")
     p.add_argument("--csv-memory", type=int, default=None, metavar="ROWS",
                    help="only measure the loader workers' memory on a CSV of ROWS pairs (e.g. 2000000)")
+    p.add_argument("--eval-memory", action="store_true",
+                   help="only measure the peak RAM of a zero-shot evaluation on an ImageNet-shaped set, K = 32768")
+    p.add_argument("--eval-templates", type=int, default=80, help="--eval-memory: the first M of the 80 templates")
     p.add_argument("--out", default=None, metavar="RESULTS.json",
                    help="also write every number printed (unrounded), with the machine and versions, to this file")
     return p.parse_args(argv)
@@ -348,7 +357,49 @@ def csv_memory(rows, workers=4, batch_size=128, batches=8):
     return out
 
 
+def eval_memory(templates=80, prototypes=32768, classes=1000):
+    """Peak resident memory (MiB) of evaluate_during_training on an ImageNet-shaped set (see the docstring).
+    -> {"baseline_mib": peak once the model is built, "peak_mib": peak after the evaluation, "top1": ...}"""
+    import resource
+    from unittest import mock
+
+    from PIL import Image
+
+    import nclip
+
+    peak_mib = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+    with tempfile.TemporaryDirectory() as root:
+        for c in range(classes):
+            os.makedirs(os.path.join(root, "val", f"n{c:08d}"))
+            for i in range(1 + c % 2):
+                Image.new("RGB", (8, 8), (c % 256, i * 80, 30)).save(os.path.join(root, "val", f"n{c:08d}", f"{i}.png"))
+        args = nclip.parse_args(["--model", "tiny", "--prototypes", str(prototypes), "--eval-dataset", "imagenet",
+                                 "--eval-data-dir", root, "--device", "cpu"])
+        torch.manual_seed(0)
+        model = nclip.build_model(args)
+        cfg = nclip.PRESETS[args.model]
+        classnames, all_templates = eval_zeroshot.load_prompts("imagenet")
+        with mock.patch.object(eval_zeroshot, "load_prompts", lambda name: (classnames, all_templates[:templates])):
+            eval_sets = eval_zeroshot.open_eval_sets(args, cfg["image_size"], cfg["context_length"])
+        baseline = peak_mib()
+        record = eval_zeroshot.evaluate_during_training(model, eval_sets, args, cfg["context_length"],
+                                                        torch.device("cpu"), None)
+        return {"images": len(eval_sets[0][0]), "classes": classes, "templates": templates, "prototypes": prototypes,
+                "baseline_mib": baseline, "peak_mib": peak_mib(), "top1": record["zeroshot_imagenet_top1"],
+                "eval_s": record["eval_s"]}
+
+
 def main(args):
+    if args.eval_memory:
+        r = eval_memory(args.eval_templates)
+        print(f"eval memory: nclip.py tiny, K = {r['prototypes']}, {r['images']} images, {r['classes']} classes x "
+              f"{r['templates']} templates, one CPU process: peak RSS {r['peak_mib']:.0f} MiB, "
+              f"{r['peak_mib'] - r['baseline_mib']:.0f} MiB over the {r['baseline_mib']:.0f} MiB once the model is "
+              f"built (top-1 {r['top1']:.4f}, {r['eval_s']:.1f} s)")
+        if args.out:
+            with open(args.out, "w") as f:
+                json.dump(r, f, indent=1)
+        return r
     if args.csv_memory:
         rows = csv_memory(args.csv_memory)
         print(f"csv memory: {args.csv_memory} rows, build_loader with 4 workers; MiB per process")

@@ -201,15 +201,15 @@ class CLIP(nn.Module):
             self.ssl_head.after_step(self, applied)
 
     def zeroshot_heads(self):
-        """{name: (encode_image, encode_text)} for zero-shot evaluation, the main one first; with the MLP projector
-        also its head and the mix w s_linear + (1 - w) s_mlp, the cosine of the vectors [sqrt(w) z, sqrt(1 - w) h]."""
-        heads, w = {"linear": (self.encode_image, self.encode_text)}, self.mix_weight
+        """{name: (image head, text head)}, functions of the features of self.visual / self.text (which evaluation runs
+        once per batch for all heads) -> [b, D], the main one first; with the MLP projector also its head and the mix
+        w s_linear + (1 - w) s_mlp, the cosine of the vectors [sqrt(w) z, sqrt(1 - w) h]."""
+        unit = lambda layer: lambda f: F.normalize(layer(f), dim=-1)
+        heads, w = {"linear": (unit(self.image_projection), unit(self.text_projection))}, self.mix_weight
         if self.has_mlp:
-            mlp_image = lambda x: F.normalize(self.image_mlp(self.visual(x)), dim=-1)
-            mlp_text = lambda t: F.normalize(self.text_mlp(self.text(t)), dim=-1)
-            heads["mlp"] = (mlp_image, mlp_text)
-            heads["mix"] = (lambda x: torch.cat([w**0.5 * self.encode_image(x), (1 - w) ** 0.5 * mlp_image(x)], -1),
-                            lambda t: torch.cat([w**0.5 * self.encode_text(t), (1 - w) ** 0.5 * mlp_text(t)], -1))
+            heads["mlp"] = (unit(self.image_mlp), unit(self.text_mlp))
+            heads["mix"] = tuple(lambda f, z=z, h=h: torch.cat([w**0.5 * z(f), (1 - w) ** 0.5 * h(f)], -1)
+                                 for z, h in zip(heads["linear"], heads["mlp"]))
         return heads
 
     def flops_per_sample(self, text_length=None, recompute=False):

@@ -41,8 +41,10 @@ evaluated on, the run's own --eval-samples: the top-1 is the log's zeroshot_DATA
   folder       any ImageFolder, DIR/val, else DIR/test, else DIR; class names are the folder names with '_' as
                spaces, templates FOLDER_TEMPLATES. Probe: DIR/train, with the same class folders.
   --retrieval PAIRS.csv: one row per caption, image paths relative to the CSV; its images are the distinct paths.
-Distributed: rank r encodes items r, r + W, r + 2W, ...; the features are gathered back into dataset order on
-every rank, so every number equals that of one process.
+Distributed: rank r encodes items r, r + W, r + 2W, ...; each scores its own images (the image and text towers run
+once per batch for all heads; the prompts are averaged class by class as they are encoded) and gathers in dataset
+order only the rank of each image's class (retrieval and the probe: the features), so every number equals that of
+one process, and memory does not grow with the embedding size times the number of images or templates.
 Output: a table; --out JSON with top1, top5, mean_per_class_recall (fractions, main head), i2t_r1 ... t2i_r10,
 linear_top1, and every head's numbers under "heads"; --gallery PNG: 6 classes, each with its 5 best-scoring
 images and their scores.
@@ -82,15 +84,21 @@ RECALL_AT = (1, 5, 10)
 
 @torch.no_grad()
 def build_classifier(encode_text, classnames, templates, context_length, device, batch_size=512):
-    """-> [D, C]: one unit-norm prompt-ensemble embedding per class (columns)."""
+    """encode_text: tokens [B, L] -> [B, D], or -> {head: [B, D]} -> [D, C] (or {head: [D, C]}): one unit-norm
+    prompt-ensemble embedding per class (columns). The unit-norm template embeddings are summed class by class as
+    each batch of prompts is encoded: memory [C, D] per head, never [C * M, D] (ImageNet's 80 templates at nCLIP's
+    D = 32768 would be 10.5 GB)."""
     prompts = [template.format(name) for name in classnames for template in templates]  # C * M strings
     tokens = data.tokenize(prompts, context_length)  # [C * M, L]
-    features = torch.cat([
-        F.normalize(encode_text(data.trim_tokens(tokens[i : i + batch_size]).to(device)).float(), dim=-1)
-        for i in range(0, len(prompts), batch_size)
-    ])  # [C * M, D]
-    features = features.view(len(classnames), len(templates), -1).mean(1)  # [C, D]
-    return F.normalize(features, dim=-1).t().contiguous()  # [D, C]
+    classes = torch.arange(len(classnames), device=device).repeat_interleave(len(templates))  # [C * M]
+    sums = {}  # {head: [C, D]}
+    for i in range(0, len(prompts), batch_size):
+        out = encode_text(data.trim_tokens(tokens[i : i + batch_size]).to(device))  # [b, D] or {head: [b, D]}
+        for name, f in (out.items() if isinstance(out, dict) else [(None, out)]):
+            f = F.normalize(f.float(), dim=-1)  # [b, D]
+            sums.setdefault(name, f.new_zeros(len(classnames), f.shape[-1])).index_add_(0, classes[i : i + len(f)], f)
+    classifiers = {name: F.normalize(w, dim=-1).t().contiguous() for name, w in sums.items()}  # {head: [D, C]}
+    return classifiers if isinstance(out, dict) else classifiers[None]
 
 
 def pessimistic_rank(scores, positive):
@@ -103,9 +111,13 @@ def pessimistic_rank(scores, positive):
 
 def classification_metrics(logits, labels, num_classes):
     """logits [N, C], labels [N] -> top1, top5 and mean per-class recall (over classes that have images)."""
-    rank = pessimistic_rank(logits, F.one_hot(labels, num_classes).bool())  # [N]
+    return rank_metrics(pessimistic_rank(logits, F.one_hot(labels, num_classes).bool()), labels, num_classes)
+
+
+def rank_metrics(rank, labels, num_classes):
+    """rank [N]: each image's pessimistic rank of its class, labels [N] -> the metrics of `classification_metrics`."""
     hit = (rank == 0).float()  # [N]
-    class_hits = torch.zeros(num_classes, device=logits.device).index_add_(0, labels, hit)  # [C]
+    class_hits = torch.zeros(num_classes, device=rank.device).index_add_(0, labels, hit)  # [C]
     class_total = torch.bincount(labels, minlength=num_classes).float()  # [C]
     present = class_total > 0
     return {"top1": hit.mean().item(), "top5": (rank < 5).float().mean().item(),
@@ -136,12 +148,23 @@ def gather_in_order(x, n, world_size):
     return torch.stack(shards, 1).reshape(world_size * m, *x.shape[1:])[:n]  # [m, W, ...] -> [n, ...]: item j * W + r
 
 
+def tower_and_heads(tower, heads):
+    """A tower and heads {name: fn(tower features) -> [b, D]} -> fn(inputs) -> {name: [b, D]}: the tower runs once
+    per batch, for all heads."""
+    def encode(inputs):
+        features = tower(inputs)  # [b, width]
+        return {name: head(features) for name, head in heads.items()}
+    return encode
+
+
 @torch.no_grad()
-def encode_dataset(encoders, dataset, device, batch_size=256, workers=0, autocast=None, rank=0, world_size=1,
-                   collate_fn=None):
-    """encoders {name: fn(inputs) -> [b, D]}, dataset of (input, label) -> ({name: unit-norm float [N, D]},
+def encode_dataset(encode, dataset, device, batch_size=256, workers=0, autocast=None, rank=0, world_size=1,
+                   collate_fn=None, reduce=None):
+    """encode: fn(inputs) -> {name: [b, D]}, dataset of (input, label) -> ({name: unit-norm float [N, D]},
     labels [N]), every item of the dataset in order, on every rank; each rank encodes its shard once.
-    collate_fn: the loader's (caption datasets: data.collate, which cuts each batch after its last EOT)."""
+    collate_fn: the loader's (caption datasets: data.collate, which cuts each batch after its last EOT).
+    reduce: fn(features {name: [b, D]}, labels [b]) -> {key: [b, ...]}, applied to each batch: only what it returns
+    is kept and gathered (zero-shot classification: the rank of each image's class, not its features)."""
     if len(dataset) < world_size:
         raise ValueError(f"{len(dataset)} items cannot be shared by {world_size} ranks")
     shard = torch.utils.data.Subset(dataset, range(rank, len(dataset), world_size))
@@ -150,44 +173,67 @@ def encode_dataset(encoders, dataset, device, batch_size=256, workers=0, autocas
     loader = torch.utils.data.DataLoader(shard, batch_size=batch_size, num_workers=workers, collate_fn=collate_fn,
                                          worker_init_fn=data.ignore_stop_signals,  # a run's signal is for the run
                                          generator=torch.Generator())
-    features, labels = {name: [] for name in encoders}, []
+    features, labels = {}, []
     for inputs, y in loader:
-        inputs = inputs.to(device, non_blocking=True)
-        for name, encode in encoders.items():
-            with autocast or nullcontext():
-                f = encode(inputs)  # [b, D]
-            features[name].append(F.normalize(f.float(), dim=-1))  # [b, D]
-        labels.append(y.to(device))
-    features, labels = {k: torch.cat(v) for k, v in features.items()}, torch.cat(labels)  # [n_r, D], [n_r]
+        inputs, y = inputs.to(device, non_blocking=True), y.to(device)
+        with autocast or nullcontext():
+            out = encode(inputs)  # {name: [b, D]}
+        out = {name: F.normalize(f.float(), dim=-1) for name, f in out.items()}  # {name: [b, D]}
+        for name, x in (reduce(out, y) if reduce else out).items():
+            features.setdefault(name, []).append(x)  # [b, ...]
+        labels.append(y)
+    features, labels = {k: torch.cat(v) for k, v in features.items()}, torch.cat(labels)  # [n_r, ...], [n_r]
     if world_size > 1:
-        features = {k: gather_in_order(v, len(dataset), world_size) for k, v in features.items()}  # [N, D]
+        features = {k: gather_in_order(v, len(dataset), world_size) for k, v in features.items()}  # [N, ...]
         labels = gather_in_order(labels, len(dataset), world_size)  # [N]
     return features, labels
 
 
-def zeroshot_classifiers(heads, classnames, templates, context_length, device, autocast=None):
+def side(model, heads, i):
+    """The image (i = 0) or text (i = 1) encoder of every head of `model.zeroshot_heads()` -> fn(inputs) ->
+    {name: [b, D]}: the model's tower (visual, text) once per batch, then each head on its features."""
+    return tower_and_heads((model.visual, model.text)[i], {name: head[i] for name, head in heads.items()})
+
+
+def zeroshot_classifiers(model, heads, classnames, templates, context_length, device, autocast=None):
     with autocast or nullcontext():
-        return {name: build_classifier(encode_text, classnames, templates, context_length, device)
-                for name, (_, encode_text) in heads.items()}  # {name: [D, C]}
+        return build_classifier(side(model, heads, 1), classnames, templates, context_length, device)  # {name: [D, C]}
 
 
-def zeroshot_classify(heads, dataset, classnames, templates, context_length, device, batch_size=256,
+def class_ranks(classifiers, num_classes, keep=(), scores_of=None):
+    """-> encode_dataset's reduce: per head of classifiers {name: [D, C]} the pessimistic rank of each image's class
+    [b] (all that zero-shot classification keeps of an image), the features of the heads named in `keep` as they
+    are, and under "scores" the scores [b, C] of the head `scores_of` (the CLI's gallery)."""
+    def reduce(features, labels):  # {name: [b, D]}, [b]
+        positive = F.one_hot(labels, num_classes).bool()  # [b, C]
+        out = {name: pessimistic_rank(features[name] @ w, positive) for name, w in classifiers.items()}  # {name: [b]}
+        out.update({name: features[name] for name in keep})
+        if scores_of is not None:
+            out["scores"] = features[scores_of] @ classifiers[scores_of]  # [b, C]
+        return out
+    return reduce
+
+
+def zeroshot_classify(model, dataset, classnames, templates, context_length, device, batch_size=256,
                       workers=0, autocast=None, rank=0, world_size=1):
-    """Zero-shot top-1/top-5/per-class recall of every head on `dataset` of (uint8 image, label), sharded over
-    ranks. heads: {name: (encode_image, encode_text)}, features normalised here. -> {name: metrics}"""
-    classifiers = zeroshot_classifiers(heads, classnames, templates, context_length, device, autocast)
-    features, labels = encode_dataset({name: head[0] for name, head in heads.items()}, dataset, device,
-                                      batch_size, workers, autocast, rank, world_size)
-    return {name: classification_metrics(features[name] @ classifiers[name], labels, len(classnames)) for name in heads}
+    """Zero-shot top-1/top-5/per-class recall of every head of `model.zeroshot_heads()` on `dataset` of (uint8
+    image, label), sharded over ranks: each rank scores its own images; only the ranks of their classes are gathered.
+    -> {name: metrics}"""
+    heads = model.zeroshot_heads()
+    classifiers = zeroshot_classifiers(model, heads, classnames, templates, context_length, device, autocast)
+    ranks, labels = encode_dataset(side(model, heads, 0), dataset, device, batch_size, workers, autocast, rank,
+                                   world_size, reduce=class_ranks(classifiers, len(classnames)))  # {name: [N]}, [N]
+    return {name: rank_metrics(ranks[name], labels, len(classnames)) for name in heads}
 
 
-def retrieve(heads, images, captions, device, batch_size=256, workers=0, autocast=None, rank=0, world_size=1):
-    """Image<->text recall@k of every head on `retrieval_set`'s (images, captions), sharded over ranks.
-    -> {name: {i2t_r1, ..., t2i_r10}}"""
+def retrieve(model, images, captions, device, batch_size=256, workers=0, autocast=None, rank=0, world_size=1):
+    """Image<->text recall@k of every head of `model.zeroshot_heads()` on `retrieval_set`'s (images, captions),
+    sharded over ranks (the features are gathered: retrieval sets are small). -> {name: {i2t_r1, ..., t2i_r10}}"""
     common = dict(device=device, batch_size=batch_size, workers=workers, autocast=autocast, rank=rank,
                   world_size=world_size)
-    image_features, _ = encode_dataset({name: head[0] for name, head in heads.items()}, images, **common)
-    text_features, text_to_image = encode_dataset({name: head[1] for name, head in heads.items()}, captions,
+    heads = model.zeroshot_heads()
+    image_features, _ = encode_dataset(side(model, heads, 0), images, **common)
+    text_features, text_to_image = encode_dataset(side(model, heads, 1), captions,
                                                   collate_fn=functools.partial(data.collate, tokens_at=0), **common)
     return {name: retrieval_metrics(image_features[name], text_features[name], text_to_image) for name in heads}
 
@@ -564,24 +610,24 @@ def eval_plan(eval_sets, args):
 def evaluate_during_training(model, eval_sets, args, context_length, device, autocast, workers=0, rank=0,
                              world_size=1):
     """Zero-shot top-1/top-5 on --eval-dataset and recall@k on --eval-retrieval. Every rank runs it on the raw model
-    (not the DDP wrapper) and encodes its share; the features are gathered in dataset order, so the numbers are those
-    of one process. -> {} or a record whose keys name the set: zeroshot_imagenet_top1, zeroshot_imagenet_top1_mlp
-    (another head), retrieval_i2t_r1, ..., eval_head (the head of the keys without a head's name), eval_s (seconds)."""
+    (not the DDP wrapper) and encodes and scores its share; what is gathered (the ranks of the images' classes,
+    retrieval's features) is in dataset order, so the numbers are those of one process. -> {} or a record whose
+    keys name the set: zeroshot_imagenet_top1, zeroshot_imagenet_top1_mlp (another head), retrieval_i2t_r1, ...,
+    eval_head (the head of the keys without a head's name), eval_s (seconds)."""
     classification, retrieval = eval_sets
     if classification is None and retrieval is None:
         return {}
-    t, heads = time.time(), model.zeroshot_heads()
-    main_head = next(iter(heads))
+    t, main_head = time.time(), next(iter(model.zeroshot_heads()))
     common = dict(device=device, workers=workers, autocast=autocast, rank=rank, world_size=world_size)
     record = {}
     model.eval()
     if classification:
-        results = zeroshot_classify(heads, *classification, context_length, **common)
+        results = zeroshot_classify(model, *classification, context_length, **common)
         name = f"zeroshot_{args.eval_dataset}"
         record[f"{name}_top1"], record[f"{name}_top5"] = results[main_head]["top1"], results[main_head]["top5"]
         record.update({f"{name}_top1_{head}": m["top1"] for head, m in results.items() if head != main_head})
     if retrieval:
-        results = retrieve(heads, *retrieval, **common)
+        results = retrieve(model, *retrieval, **common)
         record.update({f"retrieval_{k}": v for k, v in results[main_head].items()})
     model.train()
     record["eval_head"], record["eval_s"] = main_head, time.time() - t
@@ -722,22 +768,23 @@ def evaluate(args, device, rank=0, world_size=1):
                   world_size=world_size)
 
     heads = model.zeroshot_heads()
-    image_encoders = {name: head[0] for name, head in heads.items()}
-    probe_encoder = {"linear probe": model.visual} if args.linear_probe else {}  # features before the projection
-    classifiers = zeroshot_classifiers(heads, classnames, templates, context_length, device, autocast)  # {name: [D, C]}
-    features, labels = encode_dataset({**image_encoders, **probe_encoder}, dataset, **common)  # {name: [N, D]}, [N]
-    results = {name: classification_metrics(features[name] @ classifiers[name], labels, len(classnames))
-               for name in heads}
+    main_head = next(iter(heads))
+    classifiers = zeroshot_classifiers(model, heads, classnames, templates, context_length, device, autocast)
+    # One pass of the image tower: every head's ranks, the probe's features before the projection, the gallery's scores
+    probe_head = {"linear probe": (lambda f: f, None)} if args.linear_probe else {}
+    reduce = class_ranks(classifiers, len(classnames), list(probe_head), main_head if args.gallery else None)
+    out, labels = encode_dataset(side(model, {**heads, **probe_head}, 0), dataset, reduce=reduce, **common)  # [N...]
+    results = {name: rank_metrics(out[name], labels, len(classnames)) for name in heads}
     record = {"checkpoint": args.checkpoint, "method": module.__name__, "step": step, "dataset": args.dataset,
-              "images": len(dataset), "classes": len(classnames), "head": next(iter(heads))}
+              "images": len(dataset), "classes": len(classnames), "head": main_head}
     if args.retrieval:
-        for name, metrics in retrieve(heads, images, captions, **common).items():
+        for name, metrics in retrieve(model, images, captions, **common).items():
             results[name].update(metrics)
         record["retrieval"] = f"{len(images)} images, {len(captions)} captions"
     record.update(results[record["head"]])
     if args.linear_probe:
-        train_x, train_y = encode_dataset(probe_encoder, probe_train, **common)  # {"linear probe": [k, width]}, [k]
-        top1, weight_decay = linear_probe(train_x["linear probe"], train_y, features["linear probe"], labels,
+        train_x, train_y = encode_dataset(side(model, probe_head, 0), probe_train, **common)  # {.: [k, width]}, [k]
+        top1, weight_decay = linear_probe(train_x["linear probe"], train_y, out["linear probe"], labels,
                                           len(classnames))
         record.update(linear_top1=top1, linear_weight_decay=weight_decay, probe_samples=len(probe_train))
     record["heads"] = results
@@ -748,8 +795,7 @@ def evaluate(args, device, rank=0, world_size=1):
             with open(args.out, "w") as f:
                 json.dump(record, f, indent=1)
         if args.gallery:
-            scores = features[record["head"]] @ classifiers[record["head"]]  # [N, C]
-            draw_gallery(args.gallery, dataset, scores, labels.tolist(), classnames)
+            draw_gallery(args.gallery, dataset, out["scores"], labels.tolist(), classnames)  # scores [N, C]
     return record
 
 

@@ -114,9 +114,10 @@ class NCLIP(nn.Module):
         pass  # no temperature to clamp, no teacher or running statistics to update
 
     def zeroshot_heads(self):
-        """{name: (encode_image, encode_text)}: the Bhattacharyya score of the two modalities' distributions."""
-        return {"nclip": (lambda x: sqrt_distribution(self.image_head(self.visual(x)), self.student_temp),
-                          lambda t: sqrt_distribution(self.text_head(self.text(t)), self.student_temp))}
+        """{name: (image head, text head)}, functions of the features of self.visual / self.text (evaluation runs them
+        once per batch): the Bhattacharyya score of the two modalities' distributions."""
+        return {"nclip": (lambda f: sqrt_distribution(self.image_head(f), self.student_temp),
+                          lambda f: sqrt_distribution(self.text_head(f), self.student_temp))}
 
     def flops_per_sample(self, text_length=None, recompute=False):
         """Training FLOPs per pair: forward + backward (2x forward) of the towers and heads, captions run on

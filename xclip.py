@@ -105,11 +105,11 @@ class XCLIP(nn.Module):
         with torch.no_grad():
             self.logit_scale.clamp_(0, math.log(100))
 
-    def zeroshot_heads(self):
-        """{name: (encode_image, encode_text)}: CLIP's head first, then nCLIP's Bhattacharyya score."""
-        return {"linear": (self.encode_image, self.encode_text),
-                "nclip": (lambda x: sqrt_distribution(self.image_head(self.visual(x)), self.student_temp),
-                          lambda t: sqrt_distribution(self.text_head(self.text(t)), self.student_temp))}
+    def zeroshot_heads(self):  # {name: (image head, text head)} on tower features: CLIP, nCLIP (Bhattacharyya)
+        return {"linear": (lambda f: F.normalize(self.image_projection(f), dim=-1),
+                           lambda f: F.normalize(self.text_projection(f), dim=-1)),
+                "nclip": (lambda f: sqrt_distribution(self.image_head(f), self.student_temp),
+                          lambda f: sqrt_distribution(self.text_head(f), self.student_temp))}
 
     def flops_per_sample(self, text_length=None, recompute=False):
         """Training FLOPs per pair: forward + backward (2x forward) of the towers, projections and heads, captions

@@ -98,6 +98,77 @@ def test_prompt_ensemble_averages_normalised_template_embeddings():
         assert torch.allclose(got[:, c], F.normalize(torch.stack(each).mean(0), dim=0), atol=1e-6)
 
 
+def test_classifier_summed_class_by_class_equals_concat_then_mean_for_every_head():
+    table = torch.randn(data.VOCAB_SIZE, 6, generator=torch.Generator().manual_seed(4))
+    table[data.PAD_TOKEN] = 0
+    encode = lambda tokens: {"a": table[tokens].sum(1), "b": table[tokens].sum(1)[:, :4].cos()}  # two heads
+    classnames, templates = ["red circle", "blue star", "cat", "dog", "bird"], ["a {}.", "a photo of a {}.", "{}!"]
+    got = ez.build_classifier(encode, classnames, templates, 16, "cpu", batch_size=4)  # batches straddle classes
+    tokens = data.tokenize([t.format(c) for c in classnames for t in templates], 16)  # [C * M, L]
+    for name, f in encode(tokens).items():  # the former computation: every prompt's embedding, then the mean
+        old = F.normalize(F.normalize(f, dim=-1).view(len(classnames), len(templates), -1).mean(1), dim=-1).t()
+        assert got[name].shape == old.shape and torch.allclose(got[name], old, atol=1e-6)
+
+
+def improved_clip():
+    import clip
+
+    torch.manual_seed(0)
+    return clip.build_model(clip.parse_args(["--model", "tiny", "--recipe", "improved"])).eval()  # 3 heads
+
+
+class CountingTower(torch.nn.Module):
+    def __init__(self, tower):
+        super().__init__()
+        self.tower, self.calls = tower, 0
+
+    def forward(self, *args, **kwargs):
+        self.calls += 1
+        return self.tower(*args, **kwargs)
+
+
+def zeroshot_on_every_rank(rank, world_size, n):
+    """Zero-shot classification of a 3-head model: each rank scores its images, only class ranks are gathered."""
+    model = improved_clip()
+    dataset, classnames, templates = ez.synthetic_eval_set(32)
+    return ez.zeroshot_classify(model, torch.utils.data.Subset(dataset, range(n)), classnames, templates[:3], 20,
+                                "cpu", batch_size=8, rank=rank, world_size=world_size)
+
+
+def test_zeroshot_scored_per_rank_equals_gathered_features_on_one_and_two_processes():
+    model = improved_clip()
+    dataset, classnames, templates = ez.synthetic_eval_set(32)
+    images = torch.utils.data.Subset(dataset, range(37))
+    heads = model.zeroshot_heads()
+    with torch.no_grad():  # the former way: every head's towers, all features, then the scores
+        x, y = torch.stack([images[i][0] for i in range(37)]), torch.tensor([images[i][1] for i in range(37)])
+        tokens = data.tokenize([t.format(c) for c in classnames for t in templates[:3]], 20)
+        expected = {}
+        for name, (image_head, text_head) in heads.items():
+            w = F.normalize(F.normalize(text_head(model.text(tokens)).float(), dim=-1).view(len(classnames), 3, -1)
+                            .mean(1), dim=-1).t()  # [D, C]
+            f = F.normalize(image_head(model.visual(x)).float(), dim=-1)  # [N, D]
+            expected[name] = ez.classification_metrics(f @ w, y, len(classnames))
+    one = zeroshot_on_every_rank(0, 1, 37)
+    assert list(one) == ["linear", "mlp", "mix"] and one == expected
+    assert run_distributed(zeroshot_on_every_rank, 2, 37) == [one, one]
+
+
+def test_the_towers_run_once_per_batch_for_all_heads():
+    model = improved_clip()
+    model.visual, model.text = CountingTower(model.visual), CountingTower(model.text)
+    assert len(model.zeroshot_heads()) == 3
+    dataset, classnames, templates = ez.synthetic_eval_set(32)
+    ez.zeroshot_classify(model, torch.utils.data.Subset(dataset, range(20)), classnames, templates[:2], 20, "cpu",
+                         batch_size=8)
+    prompt_batches = -(-len(classnames) * 2 // 512)
+    assert (model.visual.calls, model.text.calls) == (3, prompt_batches)  # 20 images in batches of 8; the prompts
+    captions = torch.utils.data.TensorDataset(data.tokenize(["a red circle"] * 10, 20), torch.arange(10) % 5)
+    model.visual.calls = model.text.calls = 0
+    ez.retrieve(model, torch.utils.data.Subset(dataset, range(5)), captions, "cpu", batch_size=4)
+    assert (model.visual.calls, model.text.calls) == (2, 3)
+
+
 def test_linear_probe_fits_the_optimum_and_prefers_the_stronger_weight_decay_on_ties():
     g = torch.Generator().manual_seed(3)
     centres = torch.randn(4, 16, generator=g) * 3
@@ -118,8 +189,9 @@ def test_linear_probe_fits_the_optimum_and_prefers_the_stronger_weight_decay_on_
 def cli_on_every_rank(rank, world_size, argv, n):
     dataset = ez.synthetic_eval_set(32)[0]
     model = ez.load_model(argv[1], "cpu")[0]
-    features, labels = ez.encode_dataset({"image": model.encode_image}, torch.utils.data.Subset(dataset, range(n)),
-                                         "cpu", batch_size=8, rank=rank, world_size=world_size)
+    features, labels = ez.encode_dataset(lambda x: {"image": model.encode_image(x)},
+                                         torch.utils.data.Subset(dataset, range(n)), "cpu", batch_size=8, rank=rank,
+                                         world_size=world_size)
     return ez.main(argv), features["image"], labels
 
 
