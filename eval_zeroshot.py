@@ -695,8 +695,9 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--checkpoint", required=True, help="ckpt.pt written by clip.py, nclip.py or xclip.py")
-    p.add_argument("--dataset", default="synthetic", choices=["synthetic", "imagenet", "cifar10", "cifar100", "folder"],
-                   help="zero-shot classification set (layouts: see the module docstring)")
+    p.add_argument("--dataset", choices=["synthetic", "imagenet", "cifar10", "cifar100", "folder"],
+                   help="zero-shot classification set (layouts: see the module docstring; default: synthetic for a "
+                        "checkpoint trained on it, else none: the drawn shapes say nothing about a model of real data)")
     p.add_argument("--data-dir", default=None, help="where the --dataset lives (all but synthetic)")
     p.add_argument("--eval-samples", type=int, default=None,
                    help="evaluate on N images evenly spaced through the set (default: all; on the training run's "
@@ -730,8 +731,8 @@ def parse_args(argv=None):
 
 def print_table(record):
     first = next(iter(record["heads"].values()))
-    print(f"{record['method']}.py checkpoint {record['checkpoint']}, step {record['step']} | {record['dataset']}: "
-          f"{record['images']} images, {record['classes']} classes"
+    print(f"{record['method']}.py checkpoint {record['checkpoint']}, step {record['step']} | "
+          f"{record['dataset'] or 'no zero-shot set'}: {record['images']} images, {record['classes']} classes"
           + (f" | retrieval: {record['retrieval']}" if "retrieval" in record else ""))
     widths = {k: max(7, len(k)) + 2 for k in first}
     print("head      " + "".join(f"{k:>{w}}" for k, w in widths.items()) + "   (percent; first row: the main head)")
@@ -746,9 +747,16 @@ def evaluate(args, device, rank=0, world_size=1):
     """The CLI's work, on every rank; rank 0 prints and writes the files. -> the JSON record."""
     model, module, train_args, step = load_model(args.checkpoint, device)
     size, context_length = (module.PRESETS[train_args.model][k] for k in ("image_size", "context_length"))
+    if args.dataset is None and getattr(train_args, "data", "synthetic") == "synthetic":
+        args.dataset = "synthetic"  # the held-out shapes of the training run's own log
+    if args.dataset is None and (args.linear_probe or not args.retrieval):
+        raise SystemExit(f"--checkpoint {args.checkpoint}: trained on {train_args.data}, not on the synthetic shapes: "
+                         f"give --dataset (imagenet, cifar10, cifar100, folder; synthetic to score the shapes anyway)"
+                         f"{'' if args.linear_probe else ' and/or --retrieval PAIRS.csv'}")
     # Every input is opened before the first forward, so bad input stops the run at once.
     dataset, probe_train, classnames, templates = classification_sets(
-        args.dataset, args.data_dir, size, getattr(train_args, "seed", 0), args.linear_probe)
+        args.dataset, args.data_dir, size, getattr(train_args, "seed", 0), args.linear_probe) if args.dataset else \
+        ([], None, [], [])
     # By default the images of the training run's own evaluation when this is its --eval-dataset (synthetic also
     # for runs before that flag took other sets): the numbers of its log.
     same_set = args.dataset == getattr(train_args, "eval_dataset", "synthetic")
@@ -769,12 +777,13 @@ def evaluate(args, device, rank=0, world_size=1):
 
     heads = model.zeroshot_heads()
     main_head = next(iter(heads))
-    classifiers = zeroshot_classifiers(model, heads, classnames, templates, context_length, device, autocast)
-    # One pass of the image tower: every head's ranks, the probe's features before the projection, the gallery's scores
     probe_head = {"linear probe": (lambda f: f, None)} if args.linear_probe else {}
-    reduce = class_ranks(classifiers, len(classnames), list(probe_head), main_head if args.gallery else None)
-    out, labels = encode_dataset(side(model, {**heads, **probe_head}, 0), dataset, reduce=reduce, **common)  # [N...]
-    results = {name: rank_metrics(out[name], labels, len(classnames)) for name in heads}
+    results = {name: {} for name in heads}
+    if args.dataset:  # one pass of the image tower: every head's ranks, the probe's features, the gallery's scores
+        classifiers = zeroshot_classifiers(model, heads, classnames, templates, context_length, device, autocast)
+        reduce = class_ranks(classifiers, len(classnames), list(probe_head), main_head if args.gallery else None)
+        out, labels = encode_dataset(side(model, {**heads, **probe_head}, 0), dataset, reduce=reduce, **common)
+        results = {name: rank_metrics(out[name], labels, len(classnames)) for name in heads}
     record = {"checkpoint": args.checkpoint, "method": module.__name__, "step": step, "dataset": args.dataset,
               "images": len(dataset), "classes": len(classnames), "head": main_head}
     if args.retrieval:
@@ -794,7 +803,7 @@ def evaluate(args, device, rank=0, world_size=1):
         if args.out:
             with open(args.out, "w") as f:
                 json.dump(record, f, indent=1)
-        if args.gallery:
+        if args.gallery and args.dataset:
             draw_gallery(args.gallery, dataset, out["scores"], labels.tolist(), classnames)  # scores [N, C]
     return record
 

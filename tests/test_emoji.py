@@ -189,3 +189,14 @@ def test_the_csvs_and_folders_train_and_evaluate(built, tmp_path):
     assert record["retrieval"] == f"{counts['concepts']['test']} images, {counts['concepts']['test']} captions"
     # --linear-probe reads DIR/train with the same class folders (checked above); left out here: its L-BFGS takes
     # 15-20 s on the features of an untrained model
+    # No synthetic scores for a model of real data, unless asked: retrieval alone, or one line naming the flags
+    retrieval = os.path.join(out, "retrieval", "val_noto.csv")
+    alone = eval_zeroshot.main(["--checkpoint", os.path.join(run, "ckpt.pt"), "--retrieval", retrieval,
+                                "--workers", "0", "--device", "cpu"])
+    assert alone["dataset"] is None and "top1" not in alone and "i2t_r5" in alone
+    with pytest.raises(SystemExit, match="not on the synthetic shapes: give --dataset") as e:
+        eval_zeroshot.main(["--checkpoint", os.path.join(run, "ckpt.pt"), "--workers", "0", "--device", "cpu"])
+    assert "\n" not in str(e.value)
+    asked = eval_zeroshot.main(["--checkpoint", os.path.join(run, "ckpt.pt"), "--dataset", "synthetic",
+                                "--eval-samples", "64", "--workers", "0", "--device", "cpu"])
+    assert asked["dataset"] == "synthetic" and asked["images"] == 64
