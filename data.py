@@ -633,6 +633,18 @@ class TarShards(torch.utils.data.IterableDataset):
 # The training loader
 
 
+def batches(dataloader, position):
+    """The Loader's batches, counting into `position` as they go. A function, not a method: a generator that held its
+    Loader would make a reference cycle, which only the cyclic garbage collector frees, at some later moment, when
+    PyTorch's shutdown of the workers can no longer reach them (20 s of join timeouts per loader, measured)."""
+    for images, tokens, params, skipped, stream, epoch, where in dataloader:
+        position["skipped"] += int(skipped.sum())
+        if stream[-1] >= 0:  # tar: [epoch, shard, offset, done] of the batch's stream (TarShards)
+            position["streams"][int(stream[-1])] = (int(epoch[-1]), *where[-1].tolist())
+        position["step"] += 1
+        yield images, tokens, params
+
+
 class Loader:
     """Endless iterator of (images [B, V, 3, H, W] uint8, tokens [B, T, L], params [B, V, P]) batches. `skipped`
     counts the unreadable samples passed over so far on this rank; `state_dict()` is the data position to put in
@@ -640,22 +652,18 @@ class Loader:
 
     def __init__(self, dataloader, steps_per_epoch, start_step, stream_state=None):
         self.dataloader, self.steps_per_epoch = dataloader, steps_per_epoch
-        self.step, self.skipped, self.streams = start_step, 0, dict(stream_state or {})
+        self.position = {"step": start_step, "skipped": 0, "streams": dict(stream_state or {})}
         self.batches = None
         LIVE_LOADERS.add(self)
 
+    step = property(lambda self: self.position["step"])
+    skipped = property(lambda self: self.position["skipped"])
+    streams = property(lambda self: self.position["streams"])
+
     def __iter__(self):
         self.close()
-        self.batches = self.generate()
+        self.batches = batches(self.dataloader, self.position)
         return self.batches
-
-    def generate(self):
-        for images, tokens, params, skipped, stream, epoch, position in self.dataloader:
-            self.skipped += int(skipped.sum())
-            if stream[-1] >= 0:  # tar: [epoch, shard, offset, done] of the batch's stream (TarShards)
-                self.streams[int(stream[-1])] = (int(epoch[-1]), *position[-1].tolist())
-            self.step += 1
-            yield images, tokens, params
 
     def close(self):
         """Shut the loader workers down now (closing the generator frees PyTorch's iterator, which stops them)."""
