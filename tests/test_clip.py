@@ -349,6 +349,7 @@ def test_checkpoint_of_another_method_or_preset_is_refused(tmp_path):
         clip.load_checkpoint(str(tmp_path / "text.pt"), clip.parse_args([]))
 
 
+@pytest.mark.xdist_group("trained_clip")
 def test_a_short_default_run_learns(trained_clip):
     """The default configuration, shortened (150 steps of 128 instead of 600 of 256): zero-shot accuracy
     well above chance (1/64; this run measured 0.14). The run is the session's shared checkpoint (conftest.py)."""

@@ -385,6 +385,7 @@ def test_bad_flags_and_inputs_give_one_line_errors(tmp_path):
         assert "\n" not in str(e.value)
 
 
+@pytest.mark.xdist_group("trained_clip")
 def test_the_cli_reproduces_the_training_runs_own_zero_shot_top1(tmp_path, trained_clip):
     """Done when: the CLI on a checkpoint, with its defaults, reports the final zeroshot_synthetic_top1 of its log.
     The session's trained run (conftest.py) evaluated 512 images of seed 3: other images give another top-1."""
@@ -393,7 +394,8 @@ def test_the_cli_reproduces_the_training_runs_own_zero_shot_top1(tmp_path, train
     out = subprocess.run([sys.executable, os.path.join(ROOT, "eval_zeroshot.py"),
                           "--checkpoint", os.path.join(trained_clip, "ckpt.pt"),
                           "--out", str(tmp_path / "r.json"), "--gallery", str(tmp_path / "g.png")],  # default --workers
-                         capture_output=True, text=True, timeout=300)
+                         capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())})  # the run's threads
     assert out.returncode == 0, out.stderr[-3000:]
     with open(tmp_path / "r.json") as f:
         record = json.load(f)
