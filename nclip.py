@@ -362,7 +362,8 @@ def optimiser_defaults(args):
     lr, reference, wd, warmup = OPTIMISER_DEFAULTS.get(args.model, ViT_DEFAULTS)
     batch = int(os.environ.get("WORLD_SIZE", "1")) * args.batch_size * args.accum_steps  # the global batch
     scaled = reference is not None and batch < reference and args.lr is None
-    args.lr_rule = "given" if args.lr is not None else f"{lr:g} x sqrt({batch} / {reference})" if scaled else f"{lr:g}"
+    args.lr_rule = ("given" if args.lr is not None else f"{lr:g} x sqrt({batch} / {reference})" if scaled
+                    else f"{args.model}'s default")
     args.lr = args.lr if args.lr is not None else lr * (batch / reference) ** 0.5 if scaled else lr
     args.wd, args.warmup = (wd if args.wd is None else args.wd), (warmup if args.warmup is None else args.warmup)
 
