@@ -15,6 +15,7 @@ import torch
 
 import clip
 import data
+from distributed import run_main
 from test_data import write_shards
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -81,13 +82,14 @@ def test_sigkill_at_a_random_step_then_resume_equals_an_uninterrupted_run(tmp_pa
         spec, flags = "synthetic", ["--eval-every", "3"]
     args = ["--data", spec, "--workers", "2", "--steps", "16", "--batch-size", "8", "--save-every", "3",
             "--recipe", "improved", *flags]
-    run(command(tmp_path / "straight", *args))
+    run_main("clip", command(tmp_path / "straight", *args)[2:])  # one torch thread, as these launches:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
     killed = subprocess.Popen(command(tmp_path / "killed", *args), stdout=subprocess.DEVNULL,
-                              stderr=subprocess.DEVNULL)
+                              stderr=subprocess.DEVNULL, env=env)
     wait_for_step(tmp_path / "killed", random.randint(4, 12), killed)
     killed.kill()  # SIGKILL: no handler runs
     assert killed.wait() == -signal.SIGKILL
-    run(command(tmp_path / "killed", *args, "--resume", "auto"))
+    run(command(tmp_path / "killed", *args, "--resume", "auto"), env=env)
     assert_same(model_of(tmp_path / "straight"), model_of(tmp_path / "killed"))
 
 
@@ -237,7 +239,7 @@ def test_torchrun_elastic_restart_resumes_from_the_last_checkpoint(tmp_path):
         return [PY, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", f"--max-restarts={restarts}",
                 "--monitor-interval=0.2"] + command(out_dir, *args)[1:]
 
-    run(torchrun(tmp_path / "straight", 0), env=env)
+    run_main("clip", command(tmp_path / "straight", *args)[2:], world_size=2)
     process = subprocess.Popen(torchrun(tmp_path / "elastic", 1), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                text=True, env=env)
     wait_for_step(tmp_path / "elastic", 5, process)
