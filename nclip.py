@@ -294,7 +294,8 @@ def common_args(parser):
                         "for one more tower forward and one micro-batch's tower memory; try --grad-checkpointing first")
     g.add_argument("--steps", type=int, help="optimizer steps (default: --epochs x steps per epoch, else 600)")
     g.add_argument("--epochs", type=float, help="passes over the data (sets --steps when that is unset)")
-    g.add_argument("--lr", type=float, help="peak learning rate (default, printed at start: tiny 3e-3; ViT 5e-4, "
+    g.add_argument("--lr", type=float, help="peak learning rate (default, printed at start: tiny 3e-3 on the "
+                   "synthetic shapes, 1e-3 on image files (chosen on the emoji set, README); ViT 5e-4, "
                    "L/14 4e-4, x sqrt(global batch / 4096) below 4096, as CLIP/SLIP). Fini et al.'s improved recipe: "
                    "3e-3 at 4096. Lower it if the loss spikes or turns non-finite")
     g.add_argument("--wd", type=float, help="AdamW weight decay on matrices and embeddings (default: tiny 0.1, ViT "
@@ -353,17 +354,20 @@ def check_common_args(args, parser):
 # on the synthetic data (README, Results). ViT presets: CLIP (Radford et al. 2021, Table 20: 5e-4 for ViT-B, 4e-4 for
 # ViT-L/14 at batch 32,768; wd 0.2; 2000 warm-up steps) and SLIP's CLIP baseline (5e-4 at 4096); below 4096 the rate
 # shrinks with the square root of the global batch (Adam's square-root rule, Malladi et al. 2022, arXiv:2205.10287).
-OPTIMISER_DEFAULTS = {"tiny": (3e-3, None, 0.1, 100), "ViT-L/14": (4e-4, 4096, 0.2, 2000)}  # others: ViT_DEFAULTS
+OPTIMISER_DEFAULTS = {"tiny": (3e-3, None, 0.1, 100), "ViT-L/14": (4e-4, 4096, 0.2, 2000),  # others: ViT_DEFAULTS
+                      "tiny on real data": (1e-3, None, 0.1, 100)}  # the emoji set's validation concepts (README)
 ViT_DEFAULTS = (5e-4, 4096, 0.2, 2000)
 
 
 def optimiser_defaults(args):
     """--lr, --wd and --warmup not given <- OPTIMISER_DEFAULTS; args.lr_rule says where the rate came from."""
-    lr, reference, wd, warmup = OPTIMISER_DEFAULTS.get(args.model, ViT_DEFAULTS)
+    real = f"{args.model} on real data"
+    key = real if real in OPTIMISER_DEFAULTS and args.data != "synthetic" else args.model
+    lr, reference, wd, warmup = OPTIMISER_DEFAULTS.get(key, ViT_DEFAULTS)
     batch = int(os.environ.get("WORLD_SIZE", "1")) * args.batch_size * args.accum_steps  # the global batch
     scaled = reference is not None and batch < reference and args.lr is None
     args.lr_rule = ("given" if args.lr is not None else f"{lr:g} x sqrt({batch} / {reference})" if scaled
-                    else f"{args.model}'s default")
+                    else f"default for {key}")
     args.lr = args.lr if args.lr is not None else lr * (batch / reference) ** 0.5 if scaled else lr
     args.wd, args.warmup = (wd if args.wd is None else args.wd), (warmup if args.warmup is None else args.warmup)
 

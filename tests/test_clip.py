@@ -358,14 +358,20 @@ def test_a_short_default_run_learns(trained_clip):
     assert log[-2]["loss"] < log[0]["loss"]
 
 
-def test_optimiser_defaults_follow_the_model_and_the_global_batch(monkeypatch, capsys):
-    """tiny keeps its measured 3e-3 / 0.1 / 100; the ViT presets take CLIP's 5e-4 (4e-4 for L/14), wd 0.2, 2000
-    warm-up steps, the rate times sqrt(global batch / 4096) below 4096 (torchrun's WORLD_SIZE counts); a flag
-    given wins. --compile with gradient caching and text dropout is refused in one line."""
+def test_optimiser_defaults_follow_the_model_and_the_global_batch(monkeypatch, capsys, tmp_path):
+    """tiny keeps its measured 3e-3 / 0.1 / 100 on the synthetic shapes and takes 1e-3 on image files (the emoji
+    set's choice); the ViT presets take CLIP's 5e-4 (4e-4 for L/14), wd 0.2, 2000 warm-up steps, the rate times
+    sqrt(global batch / 4096) below 4096 (torchrun's WORLD_SIZE counts), on any data; a flag given wins.
+    --compile with gradient caching and text dropout is refused in one line."""
     def defaults(*argv):
         args = clip.parse_args(list(argv))
         return args.lr, args.wd, args.warmup
     assert defaults() == (3e-3, 0.1, 100) and defaults("--batch-size", "8") == (3e-3, 0.1, 100)
+    (tmp_path / "pairs.csv").write_text("filepath,caption\na.png,a cat\n")
+    csv = ["--data", str(tmp_path / "pairs.csv")]
+    assert defaults(*csv) == (1e-3, 0.1, 100) and clip.parse_args(csv).lr_rule == "default for tiny on real data"
+    assert defaults(*csv, "--lr", "3e-3") == (3e-3, 0.1, 100)
+    assert defaults(*csv, "--model", "ViT-B/16", "--batch-size", "256") == (pytest.approx(5e-4 / 4), 0.2, 2000)
     assert defaults("--model", "ViT-B/16", "--batch-size", "256") == (pytest.approx(5e-4 / 4), 0.2, 2000)
     assert defaults("--model", "ViT-L/14", "--batch-size", "512", "--accum-steps", "16") == (4e-4, 0.2, 2000)
     monkeypatch.setenv("WORLD_SIZE", "8")

@@ -233,7 +233,7 @@ def test_wandb_gets_every_logged_number_and_a_resumed_run_continues_its_wandb_ru
         (r["step"], {f"train/{k}": v for k, v in r.items() if k != "step" and isinstance(v, (int, float))})
         for r in log]
     first, resumed = calls["init"]
-    assert first["project"] == "my-project" and first["dir"] == str(run) and first["config"]["lr"] == 3e-3
+    assert first["project"] == "my-project" and first["dir"] == str(run) and first["config"]["lr"] == 1e-3
     assert resumed["id"] == first["id"] and resumed["resume"] == "allow" and calls["finish"] == 2
     assert log[-1]["elapsed_s"] > log[2]["elapsed_s"]  # the elapsed time goes on over the restart
 
