@@ -2,13 +2,12 @@
 main() as `python` or `torchrun` would, without their launch."""
 
 import importlib
+import multiprocessing.forkserver
 import os
 import socket
 import sys
 import tempfile
 import time
-
-import multiprocessing.forkserver
 
 import torch
 import torch.distributed as dist
@@ -64,11 +63,12 @@ def _main_worker(rank, module, argv, world_size, port, cwds, out_dir):
     torch.save(ending, os.path.join(out_dir, f"{rank}.pt"))
 
 
-def run_main(module, argv, world_size=1, cwds=None, timeout=240):
+def run_main(module, argv, world_size=1, cwds=None, timeout=240, errors_expected=False):
     """`python MODULE.py ARGV` (world_size 1) or `torchrun --nproc_per_node=W MODULE.py ARGV` with one torch thread,
     in processes of the fork server: the same training without the launch (about 4 s of CPU per interpreter), for
     the uninterrupted runs that interrupted ones are compared with. cwds: each rank's working directory.
-    -> each rank's SystemExit code (its one-line error), or None where main() returned. A hang fails the test."""
+    -> each rank's SystemExit code (its one-line error), or None where main() returned; a one-line error fails
+    the test unless errors_expected. A hang fails the test."""
     with tempfile.TemporaryDirectory() as out_dir:
         context = mp.start_processes(_main_worker, args=(module, list(argv), world_size, _free_port(), cwds, out_dir),
                                      nprocs=world_size, join=False, start_method="forkserver")
@@ -78,4 +78,6 @@ def run_main(module, argv, world_size=1, cwds=None, timeout=240):
                 for process in context.processes:
                     process.kill()
                 raise TimeoutError(f"{module}.main({' '.join(argv)}) on {world_size} ranks: no end in {timeout} s")
-        return [torch.load(os.path.join(out_dir, f"{r}.pt"), weights_only=False) for r in range(world_size)]
+        endings = [torch.load(os.path.join(out_dir, f"{r}.pt"), weights_only=False) for r in range(world_size)]
+    assert errors_expected or all(e in (None, 0) for e in endings), f"{module}.main({' '.join(argv)}): {endings}"
+    return endings

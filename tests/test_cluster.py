@@ -133,7 +133,7 @@ def test_two_nodes_without_a_shared_file_system_resume_together(tmp_path):
     assert final["step"] == 8
     assert_same(uninterrupted, final["model"])
 
-    missing = run_main("clip", argv + ["--resume", "nowhere.pt"], 2, cwds=nodes)
+    missing = run_main("clip", argv + ["--resume", "nowhere.pt"], 2, cwds=nodes, errors_expected=True)
     assert all("nowhere.pt: not a loadable checkpoint" in str(error) for error in missing), missing
 
 
